@@ -1,0 +1,18 @@
+# sslpipe: self-supervised pretraining, evaluated and compared. See README.md.
+# Stages: prepare -> augment -> pretrain -> linear_eval -> report, one .smk each.
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/augment.smk"
+include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    input:
+        report_outputs(),
+    default_target: True

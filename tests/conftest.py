@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests use real data: scikit-learn's digits, and the CIFAR-10 subset in
+../shared when present."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10_small.npz"
+
+
+@pytest.fixture(scope="session")
+def cifar_small() -> Path:
+    if not SHARED_CIFAR.exists():
+        pytest.skip(f"the CIFAR-10 subset {SHARED_CIFAR} is absent (it ships only beside the developers' checkout)")
+    return SHARED_CIFAR
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """A prepared digits dataset at 16 px (real images), shared by tests that only read it."""
+    from sslpipe import data
+    from sslpipe.config import resolve
+
+    out = tmp_path_factory.mktemp("digits")
+    data.prepare(resolve({})["data"] | {"image_size": 16}, out)
+    return out

@@ -1,0 +1,221 @@
+"""Denoising autoencoder (sslpipe.methods.dae) and the shared `augment.corrupt` it trains on."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sslpipe import augment
+from sslpipe.augment import corrupt
+from sslpipe.config import resolve
+from sslpipe.data import load_split, prepare
+from sslpipe.methods import METHODS
+from sslpipe.methods.dae import DAE, ENERGY_SIGMAS, Decoder
+from sslpipe.models import build_encoder
+
+MANIFEST = {"mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: intra-op threads cost more than they save (10x on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_dae(image_size: int = 16, width: int = 8, **overrides) -> DAE:
+    cfg = {**resolve({})["dae"], **overrides}
+    enc = build_encoder({"backbone": "small_cnn", "width": width}, MANIFEST)
+    return DAE(enc, cfg, DAE.policy(cfg, image_size), num_train=100)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A prepared 16 px digits set: (data_dir, train images as a uint8 N x 3 x H x W tensor)."""
+    out = tmp_path_factory.mktemp("digits")
+    prepare({**resolve({})["data"], "source": "digits", "image_size": 16, "max_train": 256, "max_test": 64}, out)
+    x, _ = load_split(out, "train")
+    return out, torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+# ----------------------------------------------------------------------------- corrupt
+def interior(n: int = 64, size: int = 16) -> torch.Tensor:
+    """Float images strictly inside (0, 1), so every 0 or 1 pixel was put there by corrupt."""
+    torch.manual_seed(1)
+    return 0.1 + 0.8 * torch.rand(n, 3, size, size)
+
+
+@pytest.mark.parametrize("size", [16, 18])  # 18: the last row/column of patches is cut to 2 px
+def test_mask_zeroes_whole_patches_at_mask_ratio(size):
+    x, p = interior(256, size), 4
+    torch.manual_seed(0)
+    xt = corrupt(x, "mask", mask_ratio=0.3, mask_patch=p)
+    zero = xt == 0
+    assert torch.equal(xt[~zero], x[~zero])                       # kept pixels untouched
+    assert (zero == zero[:, :1]).all()                            # same mask on every channel
+    g = math.ceil(size / p)
+    for i in range(g):                                            # each patch all-zero or all-kept
+        for j in range(g):
+            patch = zero[:, 0, i * p:(i + 1) * p, j * p:(j + 1) * p].flatten(1)
+            assert (patch.all(1) | ~patch.any(1)).all(), (i, j)
+    patch_zero = zero[:, 0, ::p, ::p].float()                     # one pixel per patch
+    assert patch_zero.shape[1:] == (g, g)
+    assert abs(patch_zero.mean().item() - 0.3) < 0.03             # 256 * g^2 >= 4096 patches
+
+
+def test_salt_pepper_sets_fraction_to_0_or_1():
+    x = interior(256)
+    torch.manual_seed(0)
+    xt = corrupt(x, "salt_pepper", salt_pepper=0.2)
+    hit = (xt != x).any(1)                                        # N x H x W pixel positions
+    assert abs(hit.float().mean().item() - 0.2) < 0.01
+    v = xt.permute(0, 2, 3, 1)[hit]                               # hit pixels: K x 3
+    assert ((v == 0) | (v == 1)).all() and (v == v[:, :1]).all()  # black or white, all channels
+    assert abs((v[:, 0] == 1).float().mean().item() - 0.5) < 0.05  # salt and pepper equally often
+    assert torch.equal(xt.permute(0, 2, 3, 1)[~hit], x.permute(0, 2, 3, 1)[~hit])
+
+
+def test_gaussian_changes_pixels_and_stays_in_unit_range():
+    x = torch.full((64, 3, 16, 16), 0.5)
+    torch.manual_seed(0)
+    xt = corrupt(x, "gaussian", noise_std=0.1)
+    assert (xt != x).float().mean() > 0.99
+    d = xt - x
+    assert abs(d.std().item() - 0.1) < 0.005 and abs(d.mean().item()) < 0.005
+    wide = corrupt(x, "gaussian", noise_std=2.0)                  # heavy noise: clipped, not wrapped
+    assert wide.min() == 0 and wide.max() == 1
+    assert torch.equal(corrupt(x, "gaussian", noise_std=0.0), x)
+
+
+def test_unknown_corruption_is_rejected():
+    with pytest.raises(ValueError, match="unknown corruption 'blur'"):
+        corrupt(interior(2), "blur")
+
+
+# ----------------------------------------------------------------------------- policy, decoder
+def test_policy_carries_corruption_and_preview():
+    cfg = {**resolve({})["dae"], "corruption": "salt_pepper", "salt_pepper": 0.3}
+    policy = DAE.policy(cfg, 16)
+    assert json.loads(json.dumps(policy)) == policy
+    assert policy["n_views"] == 1 and policy["corruption"]["kind"] == "salt_pepper"
+    assert policy["corruption"]["salt_pepper"] == 0.3
+    x = interior(8)
+    clean, noisy = DAE.preview(policy, x)
+    assert clean.shape == noisy.shape == x.shape
+    assert 0 <= noisy.min() and noisy.max() <= 1
+    assert ((noisy == 0) | (noisy == 1)).float().mean() > 0.2     # corrupted view is corrupted
+    assert ((clean == 0) | (clean == 1)).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("size", [8, 10, 16, 24, 32, 96])
+def test_decoder_output_matches_input_size(size):
+    model = make_dae(size)
+    x = torch.rand(4, 3, size, size)
+    z = model.reconstruct(x)
+    assert z.shape == x.shape and 0 <= z.min() and z.max() <= 1
+    # The decoder sees only the pooled feature vector evaluation uses.
+    assert Decoder(model.encoder.feat_dim, size)(model.encoder(x)).shape == x.shape
+
+
+# ----------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("kind", ["mask", "gaussian", "salt_pepper"])
+def test_loss_matches_naive_reference(kind):
+    model = make_dae(corruption=kind)
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    torch.manual_seed(5)
+    loss, logs = model.loss(x, torch.arange(3))
+    # Same seed -> the same view and corruption; the loss must compare z with the clean view.
+    torch.manual_seed(5)
+    v = model.views(x, 1)[0]
+    v_tilde = corrupt(v, **model.corruption)
+    z = model.reconstruct(v_tilde)
+    total, count, total_noisy = 0.0, 0, 0.0
+    for n in range(len(x)):
+        for a, b, c in zip(z[n].flatten().tolist(), v[n].flatten().tolist(), v_tilde[n].flatten().tolist()):
+            total += (a - b) ** 2
+            total_noisy += (c - b) ** 2
+            count += 1
+    assert loss.item() == pytest.approx(total / count, rel=1e-5)
+    assert logs["mse_identity"].item() == pytest.approx(total_noisy / count, rel=1e-5)
+    assert total_noisy > 0                                        # the input really was corrupted
+    loss.backward()
+    assert model.encoder.backbone[0].weight.grad.abs().sum() > 0  # gradient reaches the encoder
+
+
+def test_loss_falls_on_fixed_batch(digits):
+    _, x = digits
+    torch.manual_seed(0)
+    model = make_dae()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        torch.manual_seed(123)                                    # fixed views and corruption
+        loss, _ = model.loss(x[:32], torch.arange(32))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------- diagnostics
+def test_diagnostics_energy_curve_and_pngs(digits, tmp_path):
+    _, x = digits
+    torch.manual_seed(0)
+    model = make_dae()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(40):
+        idx = torch.randint(0, len(x), (64,))
+        loss, _ = model.loss(x[idx], idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.train()
+    torch.manual_seed(9)
+    metrics = model.diagnostics(x, tmp_path)
+    assert model.training                                         # mode restored
+    energies = [metrics[f"dae_energy_sigma_{s:g}"] for s in ENERGY_SIGMAS]
+    assert all(np.isfinite(energies)) and np.isfinite(metrics["dae_denoise_mse"])
+    assert energies[-1] > 2 * energies[0], energies               # off the data, the energy is high
+    # Replay the same noise: F(y) = mean ||y - g(f(y))||^2 against the *noisy* y, in eval mode.
+    model.eval()
+    torch.manual_seed(9)
+    with torch.no_grad():
+        x01 = augment.to_float(x)
+        for s, e in zip(ENERGY_SIGMAS, energies):
+            y = corrupt(x01, "gaussian", noise_std=s)
+            assert e == pytest.approx((model.reconstruct(y) - y).pow(2).mean().item(), rel=1e-4), s
+    with Image.open(tmp_path / "dae_energy_vs_corruption.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    with Image.open(tmp_path / "dae_reconstructions.png") as im:
+        # 3 rows (corrupted, reconstructed, clean) x 8 columns of 64 px tiles, 2 px padding.
+        assert im.format == "PNG" and im.size == (8 * 66 + 2, 3 * 66 + 2)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_pretrain_one_epoch_smoke(digits, tmp_path, monkeypatch):
+    from sslpipe import pretrain
+
+    monkeypatch.setitem(METHODS, "dae", DAE)
+    data_dir, _ = digits
+    cfg = resolve({"methods": ["dae"], "model": {"width": 8}, "pretrain": {"epochs": 1, "batch_size": 32},
+                   "data": {"image_size": 16}})
+    policy_path = tmp_path / "policy.json"
+    policy_path.write_text(json.dumps(DAE.policy(cfg["dae"], 16)))
+    out = tmp_path / "out"
+    summary = pretrain.run(cfg, "dae", 0, data_dir, policy_path, out, echo=lambda s: None)
+    state = torch.load(out / "encoder.pt", weights_only=True)
+    assert any(k.startswith("backbone.") for k in state) and not any("decoder" in k for k in state)
+    assert np.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].split(",")[:2] == ["epoch", "loss"] and "mse_identity" in history[0]
+    assert np.isfinite(float(history[1].split(",")[1]))
+    assert (out / "dae_energy_vs_corruption.png").is_file() and (out / "dae_reconstructions.png").is_file()
+    assert "dae_energy_sigma_0.8" in summary["diagnostics"]

@@ -1,0 +1,233 @@
+"""Report stage: build a small but real results tree, render it, and check every output."""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import statistics
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+try:
+    from sslpipe.report import build_report
+except ModuleNotFoundError:  # package not installed into the venv: import from the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from sslpipe.report import build_report
+
+DATASET = "digits"
+METHODS = ["dae", "simclr"]
+BASELINES = ["pixels", "random"]
+SEEDS = [0, 1]
+# Chosen so the ranking (simclr, pixels, dae, random) differs from input and alphabetical order,
+# and only simclr beats both baselines.
+TOP1 = {"simclr": [0.91, 0.87], "dae": [0.62, 0.70], "pixels": [0.80, 0.80], "random": [0.30, 0.34]}
+TOP5 = {"simclr": [0.99, 0.98], "dae": [0.95, 0.90], "pixels": [None, None], "random": [0.71, 0.62]}
+KNN = {"simclr": [0.88, 0.85], "dae": [0.55, 0.61], "pixels": [0.83, 0.81], "random": [0.21, 0.29]}
+RANKED = ["simclr", "pixels", "dae", "random"]
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+
+def _png(path: Path, color: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), color).save(path)
+
+
+def _json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    root = tmp_path / "results" / DATASET
+    _json(root / "data" / "manifest.json", {"dataset": DATASET, "source": "digits", "classes": list("0123456789"),
+                                            "num_classes": 10, "image_size": 8, "counts": {"train": 1437, "test": 360}})
+    for i, method in enumerate(METHODS):
+        aug = root / "augment" / method
+        _json(aug / "policy.json", {"crop_scale": [0.2, 1.0], "jitter": 0.4})
+        _png(aug / "preview.png", "red")
+        for seed in SEEDS:
+            run = root / "pretrain" / method / f"seed{seed}"
+            run.mkdir(parents=True)
+            # An extra method-specific column the report must tolerate.
+            rows = ["epoch,loss,lr,images_per_s,wall_s,extra_metric"]
+            rows += [f"{e},{2.0 / (e + i + seed)},{0.1},{1000.0},{e * 1.5},{e}" for e in range(1, 4)]
+            (run / "history.csv").write_text("\n".join(rows) + "\n")
+            _json(run / "summary.json", {"method": method, "seed": seed, "run_id": f"pre-{method}-{seed}",
+                                         "device": "cpu", "precision": "fp32", "wall_time_s": 4.5,
+                                         "images_per_s": 1234.5, "final_loss": 0.5, "epochs": 3})
+    _json(root / "augment" / "simclr" / "benchmark.json", {"images_per_s": 4321.0})  # optional, simclr only
+    _png(root / "pretrain" / "dae" / "seed0" / "reconstructions.png", "blue")  # diagnostic: embedded
+    _png(root / "pretrain" / "dae" / "seed1" / "loss.png", "green")  # standard name: not embedded
+    for name in METHODS + BASELINES:
+        kind = "ssl" if name in METHODS else "baseline"
+        for j, seed in enumerate(SEEDS):
+            m = {"name": name, "kind": kind, "seed": seed, "linear_top1": TOP1[name][j],
+                 "linear_top5": TOP5[name][j], "knn_top1": KNN[name][j], "probe_weight_decay": 1e-4,
+                 "feature_dim": 64, "encoder_unchanged": True, "run_id": f"eval-{name}-{seed}"}
+            if kind == "ssl":
+                m["pretrain_run_id"] = f"pre-{name}-{seed}"
+            _json(root / "linear_eval" / name / f"seed{seed}" / "metrics.json", m)
+    return root
+
+
+PROVENANCE = {"config_hash": "abc123", "git_commit": "deadbeef", "mlflow_tracking_uri": "sqlite:///mlflow.db",
+              "experiment_name": "<script>alert(1)</script>", "experiment_id": "7",
+              "packages": {"torch": "2.4.0"}, "config": {"methods": METHODS, "pretrain": {"epochs": 3}}}
+
+
+class _Collector(HTMLParser):
+    """Checks nesting and gathers text, image sources and table cells."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.errors: list[str] = []
+        self.text: list[str] = []
+        self.imgs: list[str] = []
+        self.tables: list[list[list[str]]] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.imgs.append(dict(attrs)["src"])
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:]}")
+            return
+        self.stack.pop()
+        if tag in ("td", "th"):
+            self.tables[-1][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _fmt(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "—"
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{100 * statistics.mean(vals):.1f} ± {100 * std:.1f} (n={len(vals)})"
+
+
+def _parse(path: Path) -> _Collector:
+    parser = _Collector()
+    parser.feed(path.read_text(encoding="utf-8"))
+    parser.close()
+    assert parser.errors == [] and parser.stack == [], (parser.errors, parser.stack)
+    return parser
+
+
+def test_html_report(results: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    res = build_report(results, DATASET, METHODS, SEEDS, BASELINES, out, PROVENANCE)
+    page = _parse(out / "report.html")
+    text = " ".join(page.text)
+    for name in METHODS + BASELINES:
+        assert name in text
+    assert DATASET in text
+
+    summary = next(t for t in page.tables if t[0][:3] == ["rank", "name", "kind"])
+    assert summary[0][3:] == ["Linear top-1", "Linear top-5", "kNN top-1"]
+    assert [r[1] for r in summary[1:]] == RANKED
+    for row in summary[1:]:
+        name = row[1]
+        assert row[2] == ("ssl" if name in METHODS else "baseline")
+        assert row[3:] == [_fmt(TOP1[name]), _fmt(TOP5[name]), _fmt(KNN[name])]
+    assert "beating every baseline (pixels, random) on linear top-1: simclr." in text
+    assert res["beat_all_baselines"] == ["simclr"]
+    assert [r["name"] for r in res["rows"]] == RANKED
+
+    # bar chart + loss curves + 2 previews + dae's reconstructions (loss.png is a standard name)
+    assert len(page.imgs) == 5
+    for src in page.imgs:
+        assert src.startswith("data:image/png;base64,")
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    assert "reconstructions (seed 0)" in text and "loss (seed 1)" not in text
+    assert not re.search(r'(src|href)="(?!data:)', page_src := (out / "report.html").read_text(encoding="utf-8"))
+
+    runs = next(t for t in page.tables if "eval run id" in t[0])
+    assert ["simclr", "1", "ssl", "64", "0.0001", "pre-simclr-1", "eval-simclr-1"] in runs
+    assert ["pixels", "0", "baseline", "64", "0.0001", "—", "eval-pixels-0"] in runs
+    assert "4321.0 images/s" in text  # optional augment benchmark shown when present
+    # Provenance: escaped scalars, config as a collapsible YAML block.
+    assert "<script>" not in page_src and "&lt;script&gt;alert(1)&lt;/script&gt;" in page_src
+    assert re.search(r"<details><summary>config</summary><pre>[^<]*epochs: 3", page_src)
+    assert "Warning" not in text
+
+
+def test_summary_csv(results: Path, tmp_path: Path) -> None:
+    build_report(results, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "out")
+    with open(tmp_path / "out" / "summary.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["name", "kind", "n_seeds", "linear_top1_mean", "linear_top1_std",
+                                 "linear_top5_mean", "linear_top5_std", "knn_top1_mean", "knn_top1_std"]
+    assert [r["name"] for r in rows] == RANKED
+    for row in rows:
+        name = row["name"]
+        assert row["kind"] == ("ssl" if name in METHODS else "baseline") and row["n_seeds"] == "2"
+        for col, values in (("linear_top1", TOP1), ("linear_top5", TOP5), ("knn_top1", KNN)):
+            if values[name][0] is None:
+                assert row[f"{col}_mean"] == row[f"{col}_std"] == ""
+                continue
+            assert float(row[f"{col}_mean"]) == statistics.mean(values[name])
+            assert float(row[f"{col}_std"]) == statistics.stdev(values[name])
+
+
+def test_single_seed_std_is_zero(results: Path, tmp_path: Path) -> None:
+    res = build_report(results, DATASET, METHODS, [1], BASELINES, tmp_path / "one")
+    text = " ".join(_parse(tmp_path / "one" / "report.html").text)
+    assert "70.0 ± 0.0 (n=1)" in text  # dae seed 1
+    assert all(r["linear_top1_std"] == 0.0 and r["n_seeds"] == 1 for r in res["rows"])
+    assert [r["name"] for r in res["rows"]] == ["simclr", "pixels", "dae", "random"]
+
+
+def test_markdown_has_tables(results: Path, tmp_path: Path) -> None:
+    build_report(results, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "md", PROVENANCE)
+    md = (tmp_path / "md" / "report.md").read_text(encoding="utf-8")
+    assert "| rank | name | kind | Linear top-1 | Linear top-5 | kNN top-1 |" in md
+    for i, name in enumerate(RANKED, 1):
+        kind = "ssl" if name in METHODS else "baseline"
+        assert f"| {i} | {name} | {kind} | {_fmt(TOP1[name])} | {_fmt(TOP5[name])} | {_fmt(KNN[name])} |" in md
+    assert "| simclr | 0 | ssl | 64 | 0.0001 | pre-simclr-0 | eval-simclr-0 |" in md
+    assert "data:image" not in md and "<script>" in md  # Markdown is plain text, not HTML-escaped
+    assert "```yaml" in md
+
+
+def test_encoder_change_is_flagged(results: Path, tmp_path: Path) -> None:
+    path = results / "linear_eval" / "dae" / "seed1" / "metrics.json"
+    _json(path, {**json.loads(path.read_text()), "encoder_unchanged": False})
+    build_report(results, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "w")
+    assert "encoder changed during linear evaluation in: dae/seed1" in (tmp_path / "w" / "report.html").read_text(
+        encoding="utf-8")
+
+
+@pytest.mark.parametrize("rel", ["data/manifest.json", "augment/dae/preview.png", "augment/simclr/policy.json",
+                                 "pretrain/simclr/seed1/history.csv", "pretrain/dae/seed0/summary.json",
+                                 "linear_eval/random/seed1/metrics.json"])
+def test_missing_required_file(results: Path, tmp_path: Path, rel: str) -> None:
+    (results / rel).unlink()
+    out = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(results / rel))):
+        build_report(results, DATASET, METHODS, SEEDS, BASELINES, out)
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written

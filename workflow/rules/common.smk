@@ -1,0 +1,86 @@
+# Config validation, tracking set-up and input functions shared by every rule.
+import json
+import os
+import subprocess
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version, validate
+
+from sslpipe.config import ConfigError, check, config_hash
+from sslpipe.tracking import ENV as TRACKING_ENV, settings_from_config
+
+min_version("8.0")
+
+# Fill defaults and reject bad values before any job starts.
+validate(config, schema="../schemas/config.schema.yaml")
+try:
+    check(config)
+except ConfigError as exc:
+    raise WorkflowError(str(exc))
+
+DATASET = config["data"]["name"] or config["data"]["source"]
+METHODS = config["methods"]
+SEEDS = config["seeds"]
+BASELINES = config["evaluate"]["baselines"]
+CONFIG_HASH = config_hash(config)
+
+# Tracking settings reach jobs through the environment, not params: pointing MLflow elsewhere
+# must not re-run the pipeline.
+os.environ[TRACKING_ENV] = json.dumps(settings_from_config(config, CONFIG_HASH))
+
+wildcard_constraints:
+    dataset=r"[A-Za-z0-9_.-]+",
+    method="|".join(METHODS) or "none",
+    baseline="|".join(BASELINES) or "none",
+    seed=r"\d+",
+
+# The config keys each stage depends on. Passing only these as params means Snakemake re-runs
+# exactly the jobs whose settings changed (params are a re-run trigger).
+STAGE_KEYS = {
+    "prepare": ["data"],
+    "augment": ["augment"],
+    "pretrain": ["model", "pretrain", "device", "precision", "channels_last"],
+    "linear_eval": ["model", "evaluate", "device", "precision"],
+}
+
+
+def stage_config(stage, method=None):
+    """The JSON config slice a stage's job receives (quoted into its command line)."""
+    if stage == "report":
+        return json.dumps(config, sort_keys=True)
+    part = {key: config[key] for key in STAGE_KEYS[stage]}
+    if method in METHODS:
+        part[method] = config[method]
+    return json.dumps(part, sort_keys=True)
+
+
+def data_files(wildcards):
+    base = f"results/{wildcards.dataset}/data"
+    return {"train": f"{base}/train.npz", "test": f"{base}/test.npz", "manifest": f"{base}/manifest.json"}
+
+
+def eval_outputs(dataset=DATASET):
+    names = METHODS + BASELINES
+    return expand("results/{dataset}/linear_eval/{name}/seed{seed}/metrics.json",
+                  dataset=dataset, name=names, seed=SEEDS)
+
+
+def report_inputs(wildcards):
+    d = wildcards.dataset
+    return {
+        "metrics": eval_outputs(d),
+        "previews": expand("results/{d}/augment/{m}/preview.png", d=d, m=METHODS),
+        "histories": expand("results/{d}/pretrain/{m}/seed{s}/history.csv", d=d, m=METHODS, s=SEEDS),
+        "manifest": f"results/{d}/data/manifest.json",
+    }
+
+
+def report_outputs():
+    return [f"results/{DATASET}/report/report.html", f"results/{DATASET}/report/summary.csv"]
+
+
+onstart:
+    # Create the MLflow store, the experiment and the pipeline's parent run once, before any
+    # job: several jobs creating a fresh SQLite store at once would corrupt it.
+    if config["tracking"]["enabled"]:
+        subprocess.run(["python", "-m", "sslpipe", "track-init", "--config", json.dumps(config)], check=True)
