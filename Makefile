@@ -16,8 +16,6 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	PATH="$(BIN):$$PATH" snakemake --cores all --configfile config/config.yaml
-	@echo "Report:       $(CURDIR)/results/digits/report/report.html"
-	@echo "MLflow store: sqlite:///$(CURDIR)/mlflow.db  (browse: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db)"
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest -q

@@ -106,6 +106,10 @@ def test_sampler_runs_in_fp32_under_bf16_autocast():
         model.sample(torch.rand(4, 3, 8, 8))
         model.head(torch.randn(2, model.encoder.feat_dim))  # control: autocast is really on here
     assert seen == [torch.float32, torch.float32, torch.bfloat16]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole training step works under autocast
+        loss, _ = model.loss(fake(8), torch.arange(8))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and model.buffer.dtype == torch.float16
 
 
 def test_pcd_writes_back_exactly_the_drawn_slots(monkeypatch):

@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("track-init", help="create the MLflow store, experiment and pipeline run")
     _common(p)
 
+    p = sub.add_parser("track-finish", help="mark the pipeline run FINISHED or FAILED")
+    _common(p)
+    p.add_argument("--status", choices=["FINISHED", "FAILED"], required=True)
+
     p = sub.add_parser("prepare", help="load a dataset into uint8 arrays and a manifest")
     _common(p)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -90,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "track-init":
         info = tracking.init_pipeline(cfg, config_mod.config_hash(cfg), provenance.describe())
         print(json.dumps(info))
+        return 0
+    if args.stage == "track-finish":
+        tracking.finish_pipeline(cfg, config_mod.config_hash(cfg), args.status)
         return 0
     method = getattr(args, "method", None)
     seed = getattr(args, "seed", None)

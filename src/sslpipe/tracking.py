@@ -128,23 +128,36 @@ def init_pipeline(cfg: dict, config_hash: str, provenance: dict) -> dict:
 
 
 class StageRun:
-    """A child run for one job. `log` is the callable training code receives."""
+    """A child run for one job. `log` is the callable training code receives.
 
-    def __init__(self, client, run_id: str | None):
-        self.client, self.run_id = client, run_id
+    With `on_error: continue`, a tracking failure in the middle of a job is reported once on
+    stderr and tracking stops for the job; the job itself goes on and writes its outputs.
+    """
 
-    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+    def __init__(self, client, run_id: str | None, on_error: str = "fail"):
+        self.client, self.run_id, self.on_error = client, run_id, on_error
+
+    def _call(self, fn: Callable[[], Any]) -> None:
         if self.run_id is None:
             return
+        try:
+            _retry(fn)
+        except Exception as exc:
+            if self.on_error != "continue":
+                raise
+            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job",
+                  file=sys.stderr)
+            self.run_id = None
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
-        if self.run_id is not None:
-            _retry(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
 
 
 @contextlib.contextmanager
@@ -169,7 +182,7 @@ def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
                 tags["mlflow.parentRunId"] = parent
             name = "-".join(str(p) for p in (stage, method, None if seed is None else f"seed{seed}") if p)
             info = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name)).info
-            run = StageRun(client, info.run_id)
+            run = StageRun(client, info.run_id, s["on_error"])
             if params:
                 _log_params(client, run.run_id, params)
         except Exception as exc:
@@ -182,8 +195,17 @@ def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
     try:
         yield run
     except BaseException:
-        if run.run_id:
-            _retry(lambda: run.client.set_terminated(run.run_id, "FAILED"))
+        run._call(lambda: run.client.set_terminated(run.run_id, "FAILED"))
         raise
-    if run.run_id:
-        _retry(lambda: run.client.set_terminated(run.run_id, "FINISHED"))
+    run._call(lambda: run.client.set_terminated(run.run_id, "FINISHED"))
+
+
+def finish_pipeline(cfg: dict, config_hash: str, status: str) -> None:
+    """Mark the pipeline's parent run FINISHED or FAILED (Snakefile onsuccess / onerror)."""
+    s = settings_from_config(cfg, config_hash)
+    if not s["enabled"]:
+        return
+    client = _client(s)
+    parent = _find_parent(client, _experiment_id(client, s, create=False), config_hash)
+    if parent:
+        _retry(lambda: client.set_terminated(parent, status))

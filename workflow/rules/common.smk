@@ -23,6 +23,9 @@ METHODS = config["methods"]
 SEEDS = config["seeds"]
 BASELINES = config["evaluate"]["baselines"]
 CONFIG_HASH = config_hash(config)
+# With --use-conda every rule runs in the named environment that environment.yml creates
+# (`conda env create -f environment.yml`); without it, in the current Python environment.
+CONDA_ENV = "sslpipe"
 
 # Tracking settings reach jobs through the environment, not params: pointing MLflow elsewhere
 # must not re-run the pipeline.
@@ -79,8 +82,28 @@ def report_outputs():
     return [f"results/{DATASET}/report/report.html", f"results/{DATASET}/report/summary.csv"]
 
 
+def tracking_hook(*args):
+    if config["tracking"]["enabled"]:
+        subprocess.run(["python", "-m", "sslpipe", *args, "--config", json.dumps(config)], check=True)
+
+
 onstart:
     # Create the MLflow store, the experiment and the pipeline's parent run once, before any
     # job: several jobs creating a fresh SQLite store at once would corrupt it.
+    tracking_hook("track-init")
+
+
+onsuccess:
+    tracking_hook("track-finish", "--status", "FINISHED")
+    report = os.path.abspath(report_outputs()[0])
+    if os.path.exists(report):
+        print(f"\nReport:       {report}")
     if config["tracking"]["enabled"]:
-        subprocess.run(["python", "-m", "sslpipe", "track-init", "--config", json.dumps(config)], check=True)
+        from sslpipe.tracking import settings, tracking_uri
+
+        uri = tracking_uri(settings())
+        print(f"MLflow store: {uri}  (browse: mlflow ui --backend-store-uri {uri})")
+
+
+onerror:
+    tracking_hook("track-finish", "--status", "FAILED")

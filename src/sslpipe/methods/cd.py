@@ -59,7 +59,7 @@ def langevin(energy_fn: Callable[[Tensor], Tensor], x0: Tensor, steps: int, step
 
 def kick(x: Tensor, std: float) -> Tensor:
     """Where a cd-mode chain starts: the data point plus Gaussian noise of `std`, in [0, 1]."""
-    return (x + 2 * std * torch.randn_like(x)).clamp_(0, 1)
+    return (x + std * torch.randn_like(x)).clamp_(0, 1)
 
 
 def pcd_draw(buffer_size: int, n: int, reinit_fraction: float, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -24,7 +24,7 @@ from sslpipe.io import atomic_path
 from sslpipe.methods.shared import view_policy
 from sslpipe.models import Encoder
 
-DECODER_WIDTH = 64  # channels at the decoder's lowest resolution; halved at each upsampling
+DECODER_WIDTH = 32  # channels at the decoder's coarsest map, halved per upsampling (>= 16): small, as in MAE
 ENERGY_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)  # Gaussian noise levels of the energy curve
 GRID_IMAGES = 8
 
@@ -118,7 +118,7 @@ class DAE(nn.Module):
         energies = []
         for sigma in ENERGY_SIGMAS:  # a handful of noise levels, each a batched forward
             y = corrupt(x01, "gaussian", noise_std=sigma)
-            energies.append(reconstruction_error(self.reconstruct(y), y))
+            energies.append(reconstruction_error(self.reconstruct(y), x01))
         x8 = x01[:GRID_IMAGES]
         x8_tilde = corrupt(x8, **self.corruption)
         z8 = self.reconstruct(x8_tilde)
@@ -140,8 +140,8 @@ def _energy_plot(sigmas: list[float], energies: list[float], path: Path) -> None
     fig = Figure(figsize=(4.5, 3.2))
     ax = fig.subplots()
     ax.plot(sigmas, energies, marker="o")
-    ax.set_xlabel("Gaussian noise std sigma")
-    ax.set_ylabel("energy ||y - g(f(y))||^2 (per pixel)")
+    ax.set_xlabel(r"Gaussian noise std $\sigma$ of $y = x + \sigma\epsilon$")
+    ax.set_ylabel(r"energy $\Vert y - g(f(y))\Vert^2$ per pixel")
     ax.set_title("DAE energy vs distance from the data")
     ax.grid(alpha=0.3)
     with atomic_path(path) as tmp:

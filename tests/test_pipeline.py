@@ -1,0 +1,150 @@
+"""End to end: the real Snakemake workflow on a tiny config, in a temporary directory.
+
+One pipeline run (module-scoped) serves several tests: the outputs, the MLflow store, the
+report, re-run behaviour. It takes about a minute on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["simclr", "moco", "pirl", "dae", "cd"]
+BASELINES = ["pixels", "random"]
+TINY = {
+    "name": "tiny",
+    "seeds": [0],
+    "methods": METHODS,
+    "data": {"source": "digits", "image_size": 16, "max_train": 320, "max_test": 120},
+    "model": {"width": 8},
+    "pretrain": {"epochs": 2, "batch_size": 64, "warmup_epochs": 0},
+    "pirl": {"grid": 2, "num_negatives": 128},
+    "moco": {"queue_size": 256},
+    "cd": {"langevin_steps": 5, "buffer_size": 512},
+    "evaluate": {"probe_steps": 30, "weight_decays": [0.0, 0.001]},
+    "augment": {"benchmark_images": 64},
+}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+           "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    cfg = write_config(work / "tiny.yaml", TINY)
+    proc = snakemake(work, "--configfile", str(cfg))
+    return work, cfg, proc
+
+
+def results(work: Path) -> Path:
+    return work / "results" / "digits"
+
+
+def test_every_stage_writes_its_outputs(pipeline):
+    work, _, _ = pipeline
+    r = results(work)
+    manifest = json.loads((r / "data/manifest.json").read_text())
+    assert manifest["counts"] == {"train": 320, "test": 120} and manifest["num_classes"] == 10
+    for m in METHODS:
+        assert json.loads((r / f"augment/{m}/policy.json").read_text())["method"] == m
+        assert (r / f"augment/{m}/preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        history = (r / f"pretrain/{m}/seed0/history.csv").read_text().splitlines()
+        assert history[0].startswith("epoch,loss,lr,images_per_s") and len(history) == 3
+        metrics = json.loads((r / f"linear_eval/{m}/seed0/metrics.json").read_text())
+        assert metrics["encoder_unchanged"] is True and 0.0 <= metrics["linear_top1"] <= 1.0
+    for b in BASELINES:
+        metrics = json.loads((r / f"linear_eval/{b}/seed0/metrics.json").read_text())
+        assert metrics["kind"] == "baseline"
+    # Pixels on digits are an easy baseline: a broken probe would not reach this.
+    assert json.loads((r / "linear_eval/pixels/seed0/metrics.json").read_text())["linear_top1"] > 0.8
+    # No temporary files left behind by the atomic writers.
+    assert not [p for p in r.rglob("*") if ".tmp" in p.name]
+
+
+def test_mlflow_has_a_run_for_every_job(pipeline):
+    import mlflow
+
+    work, _, _ = pipeline
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    by_stage: dict[str, list] = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("sslpipe.stage", "pipeline"), []).append(run)
+    counts = {stage: len(rs) for stage, rs in by_stage.items()}
+    assert counts == {"pipeline": 1, "prepare": 1, "augment": 5, "pretrain": 5, "linear_eval": 7, "report": 1}
+    parent = by_stage["pipeline"][0]
+    assert parent.info.status == "FINISHED"
+    for run in runs:
+        if run is not parent:
+            assert run.info.status == "FINISHED"
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert run.data.tags["sslpipe.git_commit"]
+    for run in by_stage["pretrain"]:
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in history] == [1, 2]
+    # Metrics in MLflow are the ones in metrics.json.
+    for run in by_stage["linear_eval"]:
+        name = run.data.tags["sslpipe.method"]
+        metrics = json.loads((results(work) / f"linear_eval/{name}/seed0/metrics.json").read_text())
+        assert run.data.metrics["linear_top1"] == pytest.approx(metrics["linear_top1"])
+        assert metrics["run_id"] == run.info.run_id
+
+
+def test_report_names_every_method_and_baseline(pipeline):
+    work, _, _ = pipeline
+    html = (results(work) / "report/report.html").read_text()
+    for name in METHODS + BASELINES:
+        assert name in html
+    summary = (results(work) / "report/summary.csv").read_text().splitlines()
+    assert {line.split(",")[0] for line in summary[1:]} == set(METHODS + BASELINES)
+
+
+def test_rerun_with_nothing_changed_does_nothing(pipeline):
+    work, cfg, _ = pipeline
+    proc = snakemake(work, "--configfile", str(cfg), "--dry-run")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changing_one_method_reruns_only_that_method(pipeline, tmp_path):
+    work, _, _ = pipeline
+    changed = dict(TINY, moco={**TINY["moco"], "temperature": 0.3})
+    cfg = write_config(tmp_path / "changed.yaml", changed)
+    proc = snakemake(work, "--configfile", str(cfg), "--dry-run", "--quiet", "rules")
+    table = {parts[0]: int(parts[1]) for line in proc.stdout.splitlines()
+             if len(parts := line.split()) == 2 and parts[1].isdigit()}
+    assert table == {"pretrain": 1, "linear_eval": 1, "report": 1, "all": 1, "total": 4}
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    cfg = write_config(tmp_path / "bad.yaml", dict(TINY, pretrain={"epochs": 0}))
+    proc = snakemake(tmp_path, "--configfile", str(cfg), check=False)
+    assert proc.returncode != 0
+    assert "pretrain" in proc.stderr and "epochs" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean():
+    proc = snakemake(REPO, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
