@@ -6,7 +6,6 @@ Langevin sampling (CD) and reconstruction (DAE) all work in plain pixel space.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 
@@ -25,11 +24,38 @@ def small_cnn(width: int = 32) -> tuple[nn.Module, int]:
 def resnet18_cifar() -> tuple[nn.Module, int]:
     """ResNet-18 with the CIFAR stem (He et al. 2016; SimCLR appendix B.9): 3x3 stride-1 first
     conv and no max-pool, so 32x32 inputs keep their resolution. Feature dim 512."""
+    import torchvision  # imported here: it costs ~2 s, and most jobs never need it
+
     net = torchvision.models.resnet18(weights=None)
     net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     net.fc = nn.Identity()
     return net, 512
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss, no such device); the message says what to change."""
+
+
+def pick_device(pref: str) -> torch.device:
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("config key 'device' is 'cuda' but no CUDA device is visible: use device: auto or cpu.")
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def pick_dtype(pref: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if pref == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:  # bf16 matmuls are only fast (and exact enough) with native AVX512-BF16 or AMX
+        supported = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if pref == "bf16" and not supported:
+        raise TrainingError(f"config key 'precision' is 'bf16' but {device.type} has no bf16 support: use auto or fp32.")
+    return torch.bfloat16 if supported else None
 
 
 class Encoder(nn.Module):
@@ -58,6 +84,13 @@ def build_encoder(model_cfg: dict, manifest: dict) -> Encoder:
     # Clamp tiny stds (e.g. a constant channel) so normalisation never divides by ~0.
     std = [max(s, 1e-3) for s in manifest["std"]]
     return Encoder(backbone, dim, manifest["mean"], std)
+
+
+def load_encoder(model_cfg: dict, manifest: dict, path) -> nn.Module:
+    """Rebuild an encoder and load its weights; never unpickles arbitrary objects."""
+    encoder = build_encoder(model_cfg, manifest)
+    encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return encoder
 
 
 def mlp_head(in_dim: int, hidden: int, out_dim: int, bn: bool = True) -> nn.Module:

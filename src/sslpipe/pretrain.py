@@ -19,34 +19,9 @@ import torch
 from sslpipe import data as data_mod
 from sslpipe.io import atomic_path, read_json, write_json, write_text
 from sslpipe.methods import METHODS
-from sslpipe.models import build_encoder
+from sslpipe.models import TrainingError, build_encoder, pick_device, pick_dtype
 
 LogFn = Callable[[dict, int | None], None]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says what to change."""
-
-
-def pick_device(pref: str) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("config key 'device' is 'cuda' but no CUDA device is visible: use device: auto or cpu.")
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(pref)
-
-
-def pick_dtype(pref: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if pref == "fp32":
-        return None
-    if device.type == "cuda":
-        supported = torch.cuda.is_bf16_supported()
-    else:  # bf16 matmuls are only fast (and exact enough) with native AVX512-BF16 or AMX
-        supported = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if pref == "bf16" and not supported:
-        raise TrainingError(f"config key 'precision' is 'bf16' but {device.type} has no bf16 support: use auto or fp32.")
-    return torch.bfloat16 if supported else None
 
 
 def lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -141,6 +116,7 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     method.eval()
     diagnostics = {}
     if hasattr(method, "diagnostics"):
+        torch.manual_seed(seed)  # diagnostics draw noise too: make them repeatable on their own
         diagnostics = method.diagnostics(x[: min(n, 256)], out_dir) or {}
         if diagnostics:
             log(diagnostics, tcfg["epochs"])
@@ -162,13 +138,6 @@ def save_encoder(encoder: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
-
-
-def load_encoder(model_cfg: dict, manifest: dict, path: str | Path) -> torch.nn.Module:
-    """Rebuild an encoder and load its weights; never unpickles arbitrary objects."""
-    encoder = build_encoder(model_cfg, manifest)
-    encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return encoder
 
 
 def history_csv(rows: list[dict]) -> str:

@@ -11,13 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslpipe import augment as aug
 from sslpipe import data as data_mod
 from sslpipe import evaluate as ev
-from sslpipe import pretrain as pt
+from sslpipe import models
 from sslpipe.io import atomic_path, read_json, write_json
-from sslpipe.methods import METHODS
-from sslpipe.models import build_encoder
 
 
 def save_png(img: torch.Tensor, path: Path) -> None:
@@ -48,6 +45,9 @@ def preview_indices(y: np.ndarray, count: int) -> np.ndarray:
 
 def augment(cfg: dict, method: str, seed: int, data_dir: Path, out_dir: Path, run) -> dict:
     """Resolve and validate the method's view policy, write a preview grid, measure throughput."""
+    from sslpipe import augment as aug
+    from sslpipe.methods import METHODS
+
     manifest = data_mod.load_manifest(data_dir)
     x, y = data_mod.load_split(data_dir, "train")
     cls = METHODS[method]
@@ -81,6 +81,8 @@ def augment(cfg: dict, method: str, seed: int, data_dir: Path, out_dir: Path, ru
 
 
 def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, out_dir: Path, run) -> dict:
+    from sslpipe import pretrain as pt  # kornia and the methods load only in the jobs that train
+
     summary = pt.run(cfg, method, seed, data_dir, policy, out_dir, log=run.log)
     summary["run_id"] = run.run_id
     run.artifact(out_dir / "history.csv")
@@ -94,8 +96,8 @@ def _eval_setup(cfg: dict, data_dir: Path):
     manifest = data_mod.load_manifest(data_dir)
     xtr, ytr = data_mod.load_split(data_dir, "train")
     xte, yte = data_mod.load_split(data_dir, "test")
-    device = pt.pick_device(cfg["device"])
-    return manifest, xtr, ytr, xte, yte, device, pt.pick_dtype(cfg["precision"], device)
+    device = models.pick_device(cfg["device"])
+    return manifest, xtr, ytr, xte, yte, device, models.pick_dtype(cfg["precision"], device)
 
 
 def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run) -> dict:
@@ -109,9 +111,9 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
     else:
         if encoder_path is None:  # the randomly initialised encoder, seeded
             torch.manual_seed(seed)
-            encoder = build_encoder(cfg["model"], manifest)
+            encoder = models.build_encoder(cfg["model"], manifest)
         else:
-            encoder = pt.load_encoder(cfg["model"], manifest, encoder_path)
+            encoder = models.load_encoder(cfg["model"], manifest, encoder_path)
         metrics = ev.evaluate_encoder(encoder, xtr, ytr, xte, yte, manifest["num_classes"], cfg["evaluate"],
                                       seed, device, amp)
     metrics.update({"name": name, "kind": "ssl" if encoder_path is not None else "baseline", "seed": seed,

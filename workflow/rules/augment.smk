@@ -19,8 +19,6 @@ rule augment:
         "logs/{dataset}/augment/{method}.log",
     benchmark:
         "benchmarks/{dataset}/augment/{method}.tsv"
-    conda:
-        CONDA_ENV
     threads: 1
     shell:
         "python -m sslpipe augment --config {params.cfg:q} --threads {threads} --method {wildcards.method} "

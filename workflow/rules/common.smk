@@ -23,9 +23,6 @@ METHODS = config["methods"]
 SEEDS = config["seeds"]
 BASELINES = config["evaluate"]["baselines"]
 CONFIG_HASH = config_hash(config)
-# With --use-conda every rule runs in the named environment that environment.yml creates
-# (`conda env create -f environment.yml`); without it, in the current Python environment.
-CONDA_ENV = "sslpipe"
 
 # Tracking settings reach jobs through the environment, not params: pointing MLflow elsewhere
 # must not re-run the pipeline.

@@ -10,8 +10,6 @@ rule prepare:
         "logs/{dataset}/prepare.log",
     benchmark:
         "benchmarks/{dataset}/prepare.tsv"
-    conda:
-        CONDA_ENV
     threads: 1
     shell:
         "python -m sslpipe prepare --config {params.cfg:q} --threads {threads} "

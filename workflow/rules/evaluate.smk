@@ -12,8 +12,6 @@ rule linear_eval:
         "logs/{dataset}/linear_eval/{method}/seed{seed}.log",
     benchmark:
         "benchmarks/{dataset}/linear_eval/{method}/seed{seed}.tsv"
-    conda:
-        CONDA_ENV
     threads: 1
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.method} "
@@ -35,8 +33,6 @@ rule baseline:
         "logs/{dataset}/linear_eval/{baseline}/seed{seed}.log",
     benchmark:
         "benchmarks/{dataset}/linear_eval/{baseline}/seed{seed}.tsv"
-    conda:
-        CONDA_ENV
     threads: 1
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.baseline} "

@@ -14,8 +14,6 @@ rule pretrain:
         "logs/{dataset}/pretrain/{method}/seed{seed}.log",
     benchmark:
         "benchmarks/{dataset}/pretrain/{method}/seed{seed}.tsv"
-    conda:
-        CONDA_ENV
     threads: 2
     shell:
         "python -m sslpipe pretrain --config {params.cfg:q} --threads {threads} --method {wildcards.method} "

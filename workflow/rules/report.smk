@@ -21,8 +21,6 @@ rule report:
         "logs/{dataset}/report.log",
     benchmark:
         "benchmarks/{dataset}/report.tsv"
-    conda:
-        CONDA_ENV
     threads: 1
     shell:
         "python -m sslpipe report --config {params.cfg:q} --threads {threads} "

@@ -23,6 +23,8 @@ Every method is an `nn.Module` class with:
 """
 from __future__ import annotations
 
+from sslpipe.methods.cd import CD
+from sslpipe.methods.dae import DAE
 from sslpipe.methods.moco import MoCo
 from sslpipe.methods.pirl import PIRL
 from sslpipe.methods.simclr import SimCLR
@@ -31,4 +33,6 @@ METHODS: dict[str, type] = {
     "simclr": SimCLR,
     "moco": MoCo,
     "pirl": PIRL,
+    "dae": DAE,
+    "cd": CD,
 }

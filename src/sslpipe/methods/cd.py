@@ -120,8 +120,8 @@ class CD(nn.Module):
         was_training = self.training
         # Eval mode: the K sampler forwards must not pull BatchNorm's running statistics towards
         # negatives, and each sample's energy must not depend on the rest of the batch (see
-        # `langevin`). fp32 even under bf16 autocast: bf16's 8-bit mantissa is too coarse for
-        # step_size * dE/dx updates of pixels that are summed over K steps.
+        # `langevin`). fp32 even under bf16 autocast: a bf16 dE/dx (8-bit mantissa) is too coarse
+        # for the small pixel moves that the K steps add up.
         self.eval()
         try:
             with torch.autocast(x0.device.type, enabled=False):

@@ -7,8 +7,9 @@ pepper), encoded to y = f(x~) and decoded to z = g(y); the loss is the squared r
 error L(x, z) = ||x - z||^2 against the *clean* x. The decoder reads only the pooled feature
 vector that evaluation uses, so that vector must carry the image.
 
-In the energy-based view (LeCun's NYU Deep Learning notes), F(y) = ||y - g(f(y))||^2 is an
-energy: low on the data manifold, rising with distance from it; `diagnostics` plots it.
+In the energy-based view (LeCun's NYU Deep Learning notes, where y names an input image),
+F(y) = ||y - g(f(y))||^2 is an energy: low on the data manifold, rising with distance from
+it; `diagnostics` plots it against the strength of Gaussian noise added to the data.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class DAE(nn.Module):
         energies = []
         for sigma in ENERGY_SIGMAS:  # a handful of noise levels, each a batched forward
             y = corrupt(x01, "gaussian", noise_std=sigma)
-            energies.append(reconstruction_error(self.reconstruct(y), x01))
+            energies.append(reconstruction_error(self.reconstruct(y), y))
         x8 = x01[:GRID_IMAGES]
         x8_tilde = corrupt(x8, **self.corruption)
         z8 = self.reconstruct(x8_tilde)
