@@ -241,3 +241,25 @@ def test_pretrain_one_epoch(tmp_path, monkeypatch):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 1 and math.isfinite(float(rows[0]["loss"])) and "bank_sim" in rows[0]
     assert math.isfinite(summary["final_loss"])
+
+
+def test_paper_mode_partition_constant_matches_reference_and_is_set_once():
+    a, b, negs = rand_inputs()[:3]
+    tau, num_data, log_z = 0.2, 50, 3.0
+    # exp(s/tau)/Z against the constant noise K/N_data, written out by hand.
+    num = math.exp(ref_cos(a[0], b[0]) / tau) / math.exp(log_z)
+    want = num / (num + len(negs) / num_data)
+    got = h(a, b, negs, tau, "paper", num_data, log_z)[0].item()
+    assert got == pytest.approx(want, rel=1e-5)
+
+    torch.manual_seed(0)
+    model = make_pirl(num_train=40, nce="paper", num_negatives=16)
+    x = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
+    assert torch.isnan(model.log_z)
+    loss, _ = model.loss(x, torch.arange(8))
+    first = model.log_z.item()
+    assert math.isfinite(first) and math.isfinite(loss.item())
+    model.loss(x, torch.arange(8, 16))
+    assert model.log_z.item() == first  # estimated on the first batch only
+    # With Z the positive term no longer saturates: the loss is of the order of K log 2, not thousands.
+    assert loss.item() < 16 * math.log(2) * 4

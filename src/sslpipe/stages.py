@@ -17,13 +17,21 @@ from sslpipe import models
 from sslpipe.io import atomic_path, read_json, write_json
 
 
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """img: 3 x H x W float in [0, 1] -> PNG, written atomically."""
+def save_png(img: torch.Tensor, path: Path, min_height: int = 0) -> None:
+    """img: 3 x H x W float in [0, 1] -> PNG, written atomically.
+
+    Small images are enlarged by an integer factor (nearest neighbour, so pixels stay exact)
+    until the picture is at least `min_height` tall: 16 px digits are unreadable otherwise.
+    """
     from PIL import Image
 
     arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    picture = Image.fromarray(arr)
+    factor = max(1, -(-min_height // picture.height))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
     with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
 
 
 def prepare(cfg: dict, out_dir: Path, run) -> dict:
@@ -61,7 +69,7 @@ def augment(cfg: dict, method: str, seed: int, data_dir: Path, out_dir: Path, ru
         if v.shape != xb.shape or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
             raise ValueError(f"{method}: view {i} of the policy is malformed: shape {tuple(v.shape)}, "
                              f"range [{v.min():.3f}, {v.max():.3f}]; expected {tuple(xb.shape)} in [0, 1]")
-    save_png(aug.preview_grid(aug.to_float(xb), views), out_dir / "preview.png")
+    save_png(aug.preview_grid(aug.to_float(xb), views), out_dir / "preview.png", min_height=480)
 
     # Throughput of the views the method trains on, on one batch of real images.
     n = min(len(x), cfg["augment"]["benchmark_images"])

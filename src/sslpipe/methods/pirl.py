@@ -49,18 +49,21 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
     return (F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(dim=1)
 
 
-def _log_noise(logits_to_negatives: Tensor, mode: str, num_negatives: int, num_data: int | None) -> Tensor:
+def _log_noise(logits_to_negatives: Tensor, mode: str, num_negatives: int, num_data: int | None,
+               log_z: float = 0.0) -> Tensor:
     """log of the noise term in h(., b), given s(b, m_I') / tau for every negative I' (... x K -> ...).
 
     softmax (the notes): log sum_{I' in D_N} exp(s(b, m_I') / tau).
-    paper: log(|D_N| / N_data), the same for every b.
+    paper: log(|D_N| / N_data) + log Z, the same for every b. Dividing exp(s/tau) by the
+    partition constant Z (estimated once, see PIRL.loss) is the same as multiplying the noise
+    term by Z.
     """
     if mode == "softmax":
         return torch.logsumexp(logits_to_negatives, dim=-1)
     if mode == "paper":
         if not num_data:
             raise ValueError("nce mode 'paper' needs num_data (the size of the training set)")
-        return torch.full_like(logits_to_negatives[..., 0], math.log(num_negatives / num_data))
+        return torch.full_like(logits_to_negatives[..., 0], math.log(num_negatives / num_data) + log_z)
     raise ValueError(f"unknown nce mode '{mode}': use softmax or paper")
 
 
@@ -76,7 +79,7 @@ def _log_h_pair(x: Tensor, log_noise: Tensor) -> tuple[Tensor, Tensor]:
 
 @_fp32
 def h(a: Tensor, b: Tensor, negatives: Tensor, tau: float, mode: str = "softmax",
-      num_data: int | None = None) -> Tensor:
+      num_data: int | None = None, log_z: float = 0.0) -> Tensor:
     """PIRL's h(a, b): the probability that (a, b) is a positive pair, rowwise.
 
     a, b: N x D; negatives: K x D (the bank entries m_I' of D_N) -> N.
@@ -86,12 +89,12 @@ def h(a: Tensor, b: Tensor, negatives: Tensor, tau: float, mode: str = "softmax"
     """
     x = _cos(a, b) / tau                                       # x: N
     to_neg = cosine_logits(b, negatives, tau)                  # to_neg: N x K
-    return _log_h_pair(x, _log_noise(to_neg, mode, len(negatives), num_data))[0].exp()
+    return _log_h_pair(x, _log_noise(to_neg, mode, len(negatives), num_data, log_z))[0].exp()
 
 
 @_fp32
 def l_nce(a: Tensor, b: Tensor, negatives: Tensor, tau: float, mode: str = "softmax",
-          num_data: int | None = None) -> Tensor:
+          num_data: int | None = None, log_z: float = 0.0) -> Tensor:
     """L_NCE(a, b) = -log h(a, b) - sum_{I' in D_N} log(1 - h(b, m_I')), per row (PIRL's L_NCE).
 
     a, b: N x D; negatives: K x D -> N. h as in `h`, so in h(b, m_I') the noise term is that
@@ -102,30 +105,30 @@ def l_nce(a: Tensor, b: Tensor, negatives: Tensor, tau: float, mode: str = "soft
     Where the paper and the notes differ: the paper's noise term is the constant
     |D_N| / N_data (the NCE prior of Wu et al. 2018 with uniform noise); the notes put the
     negatives' similarities there, which turns -log h(a, b) into the InfoNCE softmax
-    cross-entropy. The paper prints exp(s/tau) without a partition function, but its released
-    code divides exp(s/tau) by a constant Z estimated on the first batch; `paper` here is the
-    printed formula, under which, with small tau, the positive term saturates (h ~ 1) and
-    the negative terms dominate.
+    cross-entropy. The paper prints exp(s/tau) without a partition function; its released
+    code (after Wu et al. 2018) divides exp(s/tau) by a constant Z estimated on the first
+    batch. `log_z` is that log Z (0 gives the printed formula, under which, with small tau,
+    the positive term saturates at h ~ 1 and the negative terms dominate).
     """
     k = len(negatives)
     x_pos = _cos(a, b) / tau                                 # x_pos: N, s(a, b)/tau
     x_neg = cosine_logits(b, negatives, tau)                   # x_neg: N x K, s(b, m_I')/tau
-    log_h_pos, _ = _log_h_pair(x_pos, _log_noise(x_neg, mode, k, num_data))
+    log_h_pos, _ = _log_h_pair(x_pos, _log_noise(x_neg, mode, k, num_data, log_z))
     # The noise term of h(b, m_I') depends on m_I' only: one K x K similarity, shared by rows.
-    neg_noise = _log_noise(cosine_logits(negatives, negatives, tau), mode, k, num_data)  # K
+    neg_noise = _log_noise(cosine_logits(negatives, negatives, tau), mode, k, num_data, log_z)  # K
     _, log_1m_h_neg = _log_h_pair(x_neg, neg_noise[None, :])  # log_1m_h_neg: N x K
     return -log_h_pos - log_1m_h_neg.sum(dim=1)
 
 
 def l_pirl(m: Tensor, f: Tensor, g: Tensor, negatives: Tensor, tau: float, lambda_: float,
-           mode: str = "softmax", num_data: int | None = None) -> Tensor:
+           mode: str = "softmax", num_data: int | None = None, log_z: float = 0.0) -> Tensor:
     """The PIRL loss, averaged over the batch: lambda L_NCE(m_I, g(v_I^t)) + (1 - lambda) L_NCE(m_I, f(v_I)).
 
     m: N x D bank entries of the batch (before this step's update); f, g: N x D head outputs;
     negatives: K x D -> scalar.
     """
-    jig = l_nce(m, g, negatives, tau, mode, num_data)          # jig: N
-    img = l_nce(m, f, negatives, tau, mode, num_data)          # img: N
+    jig = l_nce(m, g, negatives, tau, mode, num_data, log_z)   # jig: N
+    img = l_nce(m, f, negatives, tau, mode, num_data, log_z)   # img: N
     return (lambda_ * jig + (1 - lambda_) * img).mean()
 
 
@@ -165,6 +168,8 @@ class PIRL(nn.Module):
         self.num_negatives = min(cfg["num_negatives"], num_train)
         self.views = ViewMaker(policy)
         self.register_buffer("bank", F.normalize(torch.randn(num_train, cfg["proj_dim"]), dim=1))
+        # paper mode: log Z, set once from the first batch (NaN until then), kept for resuming.
+        self.register_buffer("log_z", torch.tensor(float("nan")))
 
     def loss(self, x: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         (v,) = self.views(x, 1)                                  # v: N x 3 x H x W
@@ -178,7 +183,15 @@ class PIRL(nn.Module):
         m = self.bank[idx]                                       # m: N x proj_dim
         neg_idx = torch.randperm(self.num_train, device=self.bank.device)[: self.num_negatives]
         negatives = self.bank[neg_idx]                           # negatives: K x proj_dim
-        loss = l_pirl(m, f, g, negatives, self.temperature, self.lambda_, self.nce, self.num_train)
+        if self.nce == "paper" and torch.isnan(self.log_z):
+            # Z = N_data * mean exp(s(f, m_I')/tau), so that exp(s/tau)/Z averages 1/N_data
+            # over the data, as a probability under uniform noise should (Wu et al. 2018).
+            with torch.no_grad():
+                x = cosine_logits(f.detach().float(), negatives.float(), self.temperature)
+                self.log_z.fill_((torch.logsumexp(x.flatten(), 0) - math.log(x.numel())).item()
+                                 + math.log(self.num_train))
+        log_z = self.log_z.item() if self.nce == "paper" else 0.0
+        loss = l_pirl(m, f, g, negatives, self.temperature, self.lambda_, self.nce, self.num_train, log_z)
         with torch.no_grad():
             f_unit = F.normalize(f.detach().float(), dim=1)
             bank_sim = (f_unit * m).sum(1).mean()
