@@ -7,8 +7,8 @@
 #   scripts/slurm-local.sh stop     stop the daemons this script started
 #
 # Needs root (apt-get, munged and slurmd run as root). One node on 127.0.0.1 with the machine's
-# CPUs and memory and one fake GPU (a count-only GRES), so rules that ask for a GPU schedule
-# here as they would on a GPU partition. No slurmdbd: accounting is off, so sacct has nothing to
+# CPUs and memory and one fake GPU (a GRES backed by /dev/null), so rules that ask for a GPU
+# schedule here as they would on a GPU partition. No slurmdbd: accounting is off, so sacct has nothing to
 # report and jobs must be followed with squeue (the test profile says so).
 #
 # It refuses to touch a slurm.conf it did not write: on a real cluster, use the real one.
@@ -33,7 +33,7 @@ install_packages() {
         return
     fi
     command -v apt-get >/dev/null || die "slurm is not installed and apt-get is missing: install slurmctld, slurmd, the slurm client tools and munge by hand"
-    say "installing slurm-wlm and munge with apt-get (about a minute)"
+    say "installing slurm-wlm and munge with apt-get (under a minute)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq || die "apt-get update failed: is the Debian mirror reachable?"
     # Keep package scripts from starting the daemons with the stock config: this script starts
@@ -56,7 +56,9 @@ start_munge() {
         chmod 400 /etc/munge/munge.key
     fi
     # --force: run as root without the munge user's directory ownership (containers, CI).
-    munged --force --pid-file="$STATE/munged.pid" || die "munged did not start; see /var/log/munge/munged.log"
+    # Its warnings about directory ownership are expected here; shown only if it fails.
+    munged --force --pid-file="$STATE/munged.pid" 2>"$STATE/munged.err" \
+        || { cat "$STATE/munged.err" >&2; die "munged did not start; see /var/log/munge/munged.log"; }
     touch "$STATE/started-munged"
     for _ in $(seq 20); do munge -n </dev/null >/dev/null 2>&1 && return; sleep 0.25; done
     die "munged started but does not answer; see /var/log/munge/munged.log"
@@ -67,20 +69,24 @@ start_munge() {
 # memory than it has is marked invalid.
 node_line() {
     local hw mem
-    hw=$(slurmd -C 2>/dev/null | head -1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ *RealMemory=[0-9]*//')
+    hw=$(slurmd -C 2>/dev/null | head -1 | sed -e 's/^NodeName=[^ ]* //' -e 's/ *RealMemory=[0-9]*//' || true)
     [ -n "$hw" ] || hw="CPUs=$(nproc)"
     mem=$(awk '/^MemTotal:/ {printf "%d", $2 / 1024 * 0.95}' /proc/meminfo)
     echo "NodeName=$NODE NodeAddr=127.0.0.1 $hw RealMemory=$mem Gres=gpu:1 State=UNKNOWN"
 }
 
-write_config() {
-    mkdir -p "$CONF_DIR" "$STATE/ctld" "$STATE/d"
+refuse_foreign_config() {
     local f
     for f in slurm.conf gres.conf; do
         if [ -e "$CONF_DIR/$f" ] && ! grep -qF "$MARK" "$CONF_DIR/$f"; then
             die "$CONF_DIR/$f exists and was not written by this script: this looks like a real SLURM installation; use it directly (see README, 'Running on a SLURM cluster')"
         fi
     done
+}
+
+write_config() {
+    mkdir -p "$CONF_DIR" "$STATE/ctld" "$STATE/d"
+    local f
     cat >"$CONF_DIR/slurm.conf.new" <<EOF
 $MARK
 ClusterName=sslpipe
@@ -110,13 +116,23 @@ GresTypes=gpu
 $(node_line)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    # A count-only GPU (no device file): lets --gpus=1 jobs schedule on a CPU-only node.
-    printf '%s\nNodeName=%s Name=gpu Count=1\n' "$MARK" "$NODE" >"$CONF_DIR/gres.conf.new"
-    mv "$CONF_DIR/slurm.conf.new" "$CONF_DIR/slurm.conf"
-    mv "$CONF_DIR/gres.conf.new" "$CONF_DIR/gres.conf"
+    # One fake GPU so --gpus=1 jobs schedule on a CPU-only node. slurmd counts GPUs by their
+    # device files (a count-only gpu reads as 0 and the node is marked invalid); /dev/null
+    # always exists, and without task/cgroup nothing is bound to it.
+    printf '%s\nAutoDetect=off\nNodeName=%s Name=gpu File=/dev/null\n' "$MARK" "$NODE" >"$CONF_DIR/gres.conf.new"
+    local changed=0
+    for f in slurm.conf gres.conf; do
+        cmp -s "$CONF_DIR/$f.new" "$CONF_DIR/$f" || changed=1
+        mv "$CONF_DIR/$f.new" "$CONF_DIR/$f"
+    done
+    # Daemons still running with an older config (e.g. another node size) start afresh.
+    if [ $changed = 1 ]; then
+        stop_daemon slurmd "$STATE/slurmd.pid"
+        stop_daemon slurmctld "$STATE/slurmctld.pid"
+    fi
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | head -1; }
+node_state() { sinfo -h -N -n "$NODE" -o '%t' 2>/dev/null | head -1 || true; }
 
 wait_for_node() {
     local state="" deadline=$((SECONDS + START_TIMEOUT)) resumed=0
@@ -138,14 +154,13 @@ wait_for_node() {
 
 start() {
     need_root start
+    refuse_foreign_config
     mkdir -p "$STATE"
     install_packages
     start_munge
     write_config
     if ! pid_alive "$STATE/slurmctld.pid"; then
         slurmctld || die "slurmctld did not start; see $STATE/slurmctld.log"
-    else
-        scontrol reconfigure >/dev/null 2>&1 || true
     fi
     if ! pid_alive "$STATE/slurmd.pid"; then
         slurmd -N "$NODE" || die "slurmd did not start; see $STATE/slurmd.log"
