@@ -76,6 +76,8 @@ def test_every_stage_writes_its_outputs(pipeline):
     for b in BASELINES:
         metrics = json.loads((r / f"linear_eval/{b}/seed0/metrics.json").read_text())
         assert metrics["kind"] == "baseline"
+    for name in METHODS + BASELINES:  # the PCA picture of the test features, beside metrics.json
+        assert (r / f"linear_eval/{name}/seed0/embedding.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Pixels on digits are an easy baseline: a broken probe would not reach this.
     assert json.loads((r / "linear_eval/pixels/seed0/metrics.json").read_text())["linear_top1"] > 0.8
     # No temporary files left behind by the atomic writers.
@@ -159,3 +161,20 @@ def test_lint_is_clean_but_for_per_rule_environments():
     titles = {line.strip()[2:].rstrip(":") for line in out.splitlines() if line.startswith("    * ")}
     assert "Lints for rule" in out or proc.returncode == 0  # the linter did run
     assert titles <= {ALLOWED_LINT}, out
+
+
+def test_compare_matches_metrics_json(pipeline):
+    """`python -m sslpipe compare` (read back from MLflow) gives the numbers of the metrics.json files."""
+    import csv
+
+    work, _, _ = pipeline
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the workdir's mlflow.db
+    proc = subprocess.run([sys.executable, "-m", "sslpipe", "compare", "--format", "csv"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in csv.DictReader(proc.stdout.splitlines())}
+    assert set(rows) == set(METHODS + BASELINES)
+    for name, row in rows.items():
+        metrics = json.loads((results(work) / f"linear_eval/{name}/seed0/metrics.json").read_text())
+        assert (row["dataset"], row["runs"], row["experiments"]) == ("digits", "1", "tiny")
+        assert float(row["linear_top1_mean"]) == metrics["linear_top1"]  # one seed: the mean is the value

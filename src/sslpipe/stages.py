@@ -108,22 +108,43 @@ def _eval_setup(cfg: dict, data_dir: Path):
     return manifest, xtr, ytr, xte, yte, device, models.pick_dtype(cfg["precision"], device)
 
 
+def embedding_path(metrics_path: Path) -> Path:
+    """The PCA picture lives beside metrics.json (the rules declare both as outputs)."""
+    return Path(metrics_path).with_name("embedding.png")
+
+
+def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, manifest: dict,
+                 ytr, device, amp, run) -> tuple[torch.nn.Module, dict]:
+    """The encoder to evaluate: pretrained (encoder_path), supervised (trained here, with labels)
+    or random (seeded initialisation); plus any metrics its making produced."""
+    if encoder_path is not None:
+        return models.load_encoder(cfg["model"], manifest, encoder_path), {}
+    if name == "supervised":
+        from sslpipe import supervised
+
+        return supervised.train(cfg, manifest, data_dir, ytr, seed, device, amp, log=run.log)
+    if name == "random":
+        torch.manual_seed(seed)
+        return models.build_encoder(cfg["model"], manifest), {}
+    raise ValueError(f"unknown baseline '{name}': use pixels, random or supervised (evaluate.baselines)")
+
+
 def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run) -> dict:
-    """Evaluate a pretrained encoder (`encoder_path`) or a baseline (`name` pixels / random)."""
+    """Evaluate a pretrained encoder (`encoder_path`) or a baseline (`name` pixels / random /
+    supervised): metrics.json at `out`, the test features' PCA picture beside it."""
     manifest, xtr, ytr, xte, yte, device, amp = _eval_setup(cfg, data_dir)
     t0 = time.perf_counter()
+    picture = {"embedding": embedding_path(out), "title": f"{name} seed {seed}: test features, PCA",
+               "class_names": manifest.get("classes")}
     if name == "pixels":
         metrics = ev.evaluate_features(ev.pixel_features(xtr), ytr, ev.pixel_features(xte), yte,
-                                       manifest["num_classes"], cfg["evaluate"], seed)
+                                       manifest["num_classes"], cfg["evaluate"], seed, **picture)
         metrics["encoder_unchanged"] = True  # no encoder to change
     else:
-        if encoder_path is None:  # the randomly initialised encoder, seeded
-            torch.manual_seed(seed)
-            encoder = models.build_encoder(cfg["model"], manifest)
-        else:
-            encoder = models.load_encoder(cfg["model"], manifest, encoder_path)
+        encoder, made = _encoder_for(cfg, name, seed, data_dir, encoder_path, manifest, ytr, device, amp, run)
         metrics = ev.evaluate_encoder(encoder, xtr, ytr, xte, yte, manifest["num_classes"], cfg["evaluate"],
-                                      seed, device, amp)
+                                      seed, device, amp, **picture)
+        metrics.update(made)
     metrics.update({"name": name, "kind": "ssl" if encoder_path is not None else "baseline", "seed": seed,
                     "dataset": manifest["dataset"], "eval_s": time.perf_counter() - t0, "run_id": run.run_id})
     if encoder_path is not None:
@@ -132,6 +153,7 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
              and k not in ("seed",)})
     write_json(out, metrics)
     run.artifact(out)
+    run.artifact(picture["embedding"])
     return metrics
 
 

@@ -54,6 +54,17 @@ def stage_config(stage, method=None):
     return json.dumps(part, sort_keys=True)
 
 
+def eval_config(wildcards):
+    """The config slice an evaluation job receives. evaluate.knn_monitor_every is a pretraining
+    setting and is left out, so changing it re-runs no evaluation. The supervised baseline
+    trains like pretraining does, so it also gets the pretrain section and channels_last."""
+    part = json.loads(stage_config("linear_eval"))
+    part["evaluate"].pop("knn_monitor_every", None)
+    if wildcards.get("baseline") == "supervised":
+        part.update(pretrain=config["pretrain"], channels_last=config["channels_last"])
+    return json.dumps(part, sort_keys=True)
+
+
 def data_files(wildcards):
     base = f"results/{wildcards.dataset}/data"
     return {"train": f"{base}/train.npz", "test": f"{base}/test.npz", "manifest": f"{base}/manifest.json"}

@@ -1,12 +1,20 @@
+# Linear evaluation: features of the frozen encoder, extracted once per job and reused by the
+# linear probes (all labels, then evaluate.label_fractions of them), kNN and the PCA picture.
+# Features are not cached across jobs: each (name, seed) has exactly one evaluation job.
+# The config slice comes from eval_config (common.smk).
+
+
 rule linear_eval:
     input:
         unpack(data_files),
         encoder="results/{dataset}/pretrain/{method}/seed{seed}/encoder.pt",
         summary="results/{dataset}/pretrain/{method}/seed{seed}/summary.json",
     output:
+        # The stage writes embedding.png beside metrics.json (stages.embedding_path).
         metrics="results/{dataset}/linear_eval/{method}/seed{seed}/metrics.json",
+        embedding="results/{dataset}/linear_eval/{method}/seed{seed}/embedding.png",
     params:
-        cfg=lambda w: stage_config("linear_eval"),
+        cfg=eval_config,
         data_dir=lambda w, input: os.path.dirname(input.manifest),
     log:
         "logs/{dataset}/linear_eval/{method}/seed{seed}.log",
@@ -20,14 +28,16 @@ rule linear_eval:
 
 
 # Baselines on the same protocol, so the report shows whether pretraining helped: a linear
-# probe on raw pixels and on the randomly initialised encoder.
+# probe on raw pixels and on the randomly initialised encoder (lower references), and on the
+# same encoder trained with labels (supervised, the upper reference; it trains here).
 rule baseline:
     input:
         unpack(data_files),
     output:
         metrics="results/{dataset}/linear_eval/{baseline}/seed{seed}/metrics.json",
+        embedding="results/{dataset}/linear_eval/{baseline}/seed{seed}/embedding.png",
     params:
-        cfg=lambda w: stage_config("linear_eval"),
+        cfg=eval_config,
         data_dir=lambda w, input: os.path.dirname(input.manifest),
     log:
         "logs/{dataset}/linear_eval/{baseline}/seed{seed}.log",
