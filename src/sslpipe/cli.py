@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--policy", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="resume checkpoint, kept outside the outputs: resumed from when it matches, written "
+                        "every pretrain.checkpoint_every epochs and on SIGTERM/SIGUSR1, deleted when done")
 
     p = sub.add_parser("linear-eval", help="linear probe and kNN on a frozen encoder, or a baseline")
     _common(p, method=True, seed=True)
@@ -68,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--results-dir", type=Path, required=True)
     p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("compare", help="methods x metrics (mean ± std over seeds) from the MLflow store",
+                       description="Compare linear_eval results across configs and pipeline runs, "
+                                   "read back from MLflow. The latest run per (config hash, method, seed) counts.")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--experiment", action="append", help="experiment (config `name`); repeatable; default all")
+    p.add_argument("--dataset", help="only this dataset")
+    p.add_argument("--method", action="append", help="only this method or baseline; repeatable")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs with this tag, e.g. sslpipe.git_commit=abc123; repeatable")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
     return ap
 
 
@@ -83,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     from sslpipe import provenance, stages, tracking
 
+    if args.stage == "compare":
+        from sslpipe import compare
+
+        print(compare.compare(args.tracking_uri, args.experiment, args.dataset, args.method,
+                              compare.parse_tags(args.tag), args.format), end="")
+        return 0
     if args.stage == "check-config":
         print(json.dumps(config_mod.load(args.config), indent=2, sort_keys=True))
         return 0
@@ -107,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
         elif stage == "augment":
             stages.augment(cfg, method, seed, args.data_dir, args.out_dir, run)
         elif stage == "pretrain":
-            stages.pretrain(cfg, method, seed, args.data_dir, args.policy, args.out_dir, run)
+            stages.pretrain(cfg, method, seed, args.data_dir, args.policy, args.out_dir, run,
+                            checkpoint=args.checkpoint)
         elif stage == "linear_eval":
             stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run)
         elif stage == "report":

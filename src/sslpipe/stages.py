@@ -88,10 +88,11 @@ def augment(cfg: dict, method: str, seed: int, data_dir: Path, out_dir: Path, ru
     return policy
 
 
-def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, out_dir: Path, run) -> dict:
+def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, out_dir: Path, run,
+             checkpoint: Path | None = None) -> dict:
     from sslpipe import pretrain as pt  # kornia and the methods load only in the jobs that train
 
-    summary = pt.run(cfg, method, seed, data_dir, policy, out_dir, log=run.log)
+    summary = pt.run(cfg, method, seed, data_dir, policy, out_dir, log=run.log, checkpoint=checkpoint)
     summary["run_id"] = run.run_id
     run.artifact(out_dir / "history.csv")
     for png in sorted(out_dir.glob("*.png")):
