@@ -16,7 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["simclr", "moco", "pirl", "dae", "cd"]
-BASELINES = ["pixels", "random"]
+BASELINES = ["pixels", "random", "supervised"]
 TINY = {
     "name": "tiny",
     "seeds": [0],
@@ -27,7 +27,8 @@ TINY = {
     "pirl": {"grid": 2, "num_negatives": 128},
     "moco": {"queue_size": 256},
     "cd": {"langevin_steps": 5, "buffer_size": 512},
-    "evaluate": {"probe_steps": 30, "weight_decays": [0.0, 0.001]},
+    "evaluate": {"probe_steps": 30, "weight_decays": [0.0, 0.001], "knn_monitor_every": 1,
+                 "baselines": BASELINES},
     "augment": {"benchmark_images": 64},
 }
 
@@ -70,6 +71,7 @@ def test_every_stage_writes_its_outputs(pipeline):
         assert (r / f"augment/{m}/preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         history = (r / f"pretrain/{m}/seed0/history.csv").read_text().splitlines()
         assert history[0].startswith("epoch,loss,lr,images_per_s") and len(history) == 3
+        assert "knn_top1" in history[0].split(",")  # the kNN monitor ran every epoch
         metrics = json.loads((r / f"linear_eval/{m}/seed0/metrics.json").read_text())
         assert metrics["encoder_unchanged"] is True and 0.0 <= metrics["linear_top1"] <= 1.0
     for b in BASELINES:
@@ -94,7 +96,7 @@ def test_mlflow_has_a_run_for_every_job(pipeline):
     for run in runs:
         by_stage.setdefault(run.data.tags.get("sslpipe.stage", "pipeline"), []).append(run)
     counts = {stage: len(rs) for stage, rs in by_stage.items()}
-    assert counts == {"pipeline": 1, "prepare": 1, "augment": 5, "pretrain": 5, "linear_eval": 7, "report": 1}
+    assert counts == {"pipeline": 1, "prepare": 1, "augment": 5, "pretrain": 5, "linear_eval": 8, "report": 1}
     parent = by_stage["pipeline"][0]
     assert parent.info.status == "FINISHED"
     for run in runs:

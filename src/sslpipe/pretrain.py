@@ -117,7 +117,8 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
         for row in st.history:  # this job's tracking run gets the whole curve, not only the rest
             log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
-    loop = Loop(method, opt, x, tcfg, device, amp_dtype, method_name, ckpt, log, echo)
+    loop = Loop(method, opt, x, tcfg, device, amp_dtype, method_name, ckpt, log, echo,
+                monitor=knn_monitor(cfg, encoder, x, data_dir, device, amp_dtype))
     try:
         loop.run(st)
     except (TrainingError, EnergyError) as exc:  # non-finite: keep the last good checkpoint, say where
@@ -141,6 +142,25 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     return summary
 
 
+def knn_monitor(cfg: dict, encoder, x: torch.Tensor, data_dir: Path, device: torch.device,
+                amp_dtype: torch.dtype | None) -> tuple[int, Callable[[], float]] | None:
+    """(every, fn): kNN top-1 of the current encoder every `evaluate.knn_monitor_every` epochs.
+
+    A monitor only: labels never reach the loss, and the accuracy-over-epochs curve shows when
+    the representation stops improving. None when off.
+    """
+    ecfg = cfg.get("evaluate", {})
+    every = ecfg.get("knn_monitor_every", 0)
+    if not every:
+        return None
+    from sslpipe import evaluate as ev
+
+    _, ytr = data_mod.load_split(data_dir, "train")
+    xte, yte = data_mod.load_split(data_dir, "test")
+    return every, lambda: ev.knn_monitor(encoder, x, ytr, xte, yte, device, amp_dtype,
+                                         ecfg["knn_k"], ecfg["knn_temperature"])
+
+
 @dataclass
 class Loop:
     """The epochs of one run; `run` advances a Progress in place and checkpoints as it goes."""
@@ -154,6 +174,7 @@ class Loop:
     ckpt: Checkpoint
     log: LogFn
     echo: Callable[[str], None]
+    monitor: tuple[int, Callable[[], float]] | None = None
     t_start: float = 0.0
 
     def __post_init__(self) -> None:
@@ -217,6 +238,8 @@ class Loop:
                "images_per_s": self.steps_per_epoch * self.tcfg["batch_size"] / dt,
                "wall_s": time.perf_counter() - self.t_start}
         row.update({k: (v / self.steps_per_epoch).item() for k, v in st.extra_sum.items()})
+        if self.monitor and (st.epoch % self.monitor[0] == 0 or st.epoch == self.tcfg["epochs"]):
+            row["knn_top1"] = self.monitor[1]()
         st.history.append(row)
         self.log({k: v for k, v in row.items() if k != "epoch"}, st.epoch)
         self.echo(f"epoch {st.epoch}/{self.tcfg['epochs']} loss {mean_loss:.4f} lr {lr:.2e} "

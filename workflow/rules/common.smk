@@ -51,6 +51,8 @@ def stage_config(stage, method=None):
     part = {key: config[key] for key in STAGE_KEYS[stage]}
     if method in METHODS:
         part[method] = config[method]
+    if stage == "pretrain":  # the kNN monitor's settings, and no other evaluation key
+        part["evaluate"] = {k: config["evaluate"][k] for k in ("knn_monitor_every", "knn_k", "knn_temperature")}
     return json.dumps(part, sort_keys=True)
 
 
