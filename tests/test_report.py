@@ -173,6 +173,110 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
     assert "<script>" not in page_src and "&lt;script&gt;alert(1)&lt;/script&gt;" in page_src
     assert re.search(r"<details><summary>config</summary><pre>[^<]*epochs: 3", page_src)
     assert "Warning" not in text
+    # Optional sections stay out when their inputs do not exist.
+    for absent in ("kNN monitor", "Embeddings", "Wall time per stage", "% labels)", "Reference:"):
+        assert absent not in text
+
+
+# ----------------------------------------------------------------------------- optional inputs
+PCT1 = {"simclr": [0.50, 0.56], "dae": [0.31, 0.35], "pixels": [0.44, 0.40], "random": [0.12, 0.10],
+        "supervised": [0.90, 0.92]}
+PCT10 = {"simclr": [0.80, 0.78], "dae": [0.55, 0.61], "pixels": [0.70, 0.72], "random": [0.25, 0.21],
+         "supervised": [0.97, 0.96]}
+SUPERVISED = [0.97, 0.95]  # above simclr: a reference, yet simclr must still count as beating the baselines
+BENCH = {"prepare.tsv": 2.0, "augment/simclr.tsv": 1.5, "augment/dae.tsv": 0.5, "pretrain/simclr/seed0.tsv": 30.0,
+         "pretrain/simclr/seed1.tsv": 34.0, "pretrain/dae/seed0.tsv": 20.0, "pretrain/dae/seed1.tsv": 22.0,
+         "linear_eval/pixels/seed0.tsv": 3.0, "linear_eval/supervised/seed1.tsv": 4.0, "supervised/seed0.tsv": 8.0,
+         # stale: a method and a seed this config does not have, and the report's own previous run
+         "pretrain/byol/seed0.tsv": 99.0, "pretrain/simclr/seed7.tsv": 99.0, "supervised/seed7.tsv": 99.0,
+         "report.tsv": 99.0}
+BENCH_HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+@pytest.fixture
+def optional(results: Path) -> Path:
+    """Add every optional input: kNN monitor, embeddings, label-efficient probes, a supervised
+    baseline, readable diagnostics names and Snakemake benchmarks."""
+    for seed in SEEDS:  # simclr monitors kNN on epochs 2 and 3 only; dae has the column but no values
+        for method, knn in (("simclr", ["", "0.5", "0.6"]), ("dae", ["", "", ""])):
+            path = results / "pretrain" / method / f"seed{seed}" / "history.csv"
+            lines = path.read_text().splitlines()
+            path.write_text("\n".join([lines[0] + ",knn_top1"] + [f"{ln},{k}" for ln, k in zip(lines[1:], knn)]) + "\n")
+    (results / "pretrain/dae/seed0/reconstructions.png").rename(results / "pretrain/dae/seed0/dae_energy_vs_corruption.png")
+    for name, color in (("simclr", "yellow"), ("pixels", "purple")):
+        _png(results / "linear_eval" / name / "seed0" / "embedding.png", color)
+        _png(results / "linear_eval" / name / "seed1" / "embedding.png", "black")  # only the first seed is shown
+    for name in METHODS + BASELINES + ["supervised"]:
+        for j, seed in enumerate(SEEDS):
+            path = results / "linear_eval" / name / f"seed{seed}" / "metrics.json"
+            m = json.loads(path.read_text()) if path.exists() else {
+                "name": name, "kind": "baseline", "seed": seed, "linear_top1": SUPERVISED[j], "linear_top5": 1.0,
+                "knn_top1": SUPERVISED[j], "feature_dim": 64, "encoder_unchanged": True, "run_id": f"eval-sup-{seed}"}
+            _json(path, {**m, "linear_top1_10pct": PCT10[name][j], "linear_top1_1pct": PCT1[name][j]})
+    bench = results.parents[1] / "benchmarks" / DATASET
+    for rel, sec in BENCH.items():
+        (bench / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bench / rel).write_text(BENCH_HEADER + f"{sec}\t0:00:{sec:02.0f}\t100\t200\t90\t95\t0.1\t0.2\t50.0\t{sec}\n")
+    return results
+
+
+def test_optional_sections(optional: Path, tmp_path: Path) -> None:
+    out = tmp_path / "opt"
+    res = build_report(optional, DATASET, METHODS, SEEDS, BASELINES + ["supervised"], out, PROVENANCE)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    page = _parse(out / "report.html")
+    text = " ".join(page.text)
+
+    summary = next(t for t in page.tables if t[0][:3] == ["rank", "name", "kind"])
+    assert summary[0][3:] == ["Linear top-1", "Linear top-5", "kNN top-1", "Linear top-1 (1% labels)",
+                              "Linear top-1 (10% labels)"]  # by label fraction, not as text
+    assert [r[1] for r in summary[1:]] == ["supervised"] + RANKED
+    for row in summary[1:]:
+        assert row[6:] == [_fmt(PCT1[row[1]]), _fmt(PCT10[row[1]])]
+    assert "n = number of seeds" in text
+    assert res["beat_all_baselines"] == ["simclr"]  # the supervised reference is not a bar to clear
+    assert "beating every baseline (pixels, random) on linear top-1: simclr." in text
+    assert "Reference: supervised (trained with labels" in text and _fmt(SUPERVISED) in text
+
+    # Figures: bar, loss, kNN monitor, 2 embeddings (first seed), 2 previews, the dae diagnostic.
+    caps = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
+    assert caps == ["Linear top-1 by method", "Pretraining loss curves", "kNN monitor curves",
+                    "simclr embedding of test features (seed 0)", "pixels embedding of test features (seed 0)",
+                    "dae augmentation preview", "dae energy vs corruption (seed 0)", "simclr augmentation preview"]
+    embedded = dict(zip(caps, page.imgs))
+    assert base64.b64decode(embedded["pixels embedding of test features (seed 0)"].split(",", 1)[1]) == (
+        optional / "linear_eval/pixels/seed0/embedding.png").read_bytes()
+
+    stages = next(t for t in page.tables if t[0] == ["stage", "jobs", "total (s)", "slowest job (s)"])
+    assert stages[1:] == [["augment", "2", "2.0", "1.5"], ["linear_eval", "2", "7.0", "4.0"],
+                          ["prepare", "1", "2.0", "2.0"], ["pretrain", "4", "106.0", "34.0"],
+                          ["supervised", "1", "8.0", "8.0"]]
+    jobs = next(t for t in page.tables if t[0] == ["stage", "name", "seed", "wall time (s)"])
+    assert ["pretrain", "simclr", "1", "34.0"] in jobs and ["supervised", "—", "0", "8.0"] in jobs
+    assert len(jobs) == 1 + 10 and "10 jobs, 125.0 s in all" in text  # stale files left out
+
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| pretrain | 4 | 106.0 | 34.0 |" in md and "Linear top-1 (10% labels) |" in md
+    with open(out / "summary.csv", newline="") as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    for name, row in rows.items():
+        assert float(row["linear_top1_1pct_mean"]) == statistics.mean(PCT1[name])
+        assert float(row["linear_top1_10pct_std"]) == statistics.stdev(PCT10[name])
+    assert rows["supervised"]["kind"] == "baseline" and rows["supervised"]["n_seeds"] == "2"
+
+
+def test_no_knn_values_no_knn_figure(optional: Path, tmp_path: Path) -> None:
+    build_report(optional, DATASET, ["dae"], SEEDS, BASELINES, tmp_path / "k")  # dae's column is all empty
+    assert "kNN monitor" not in (tmp_path / "k" / "report.html").read_text(encoding="utf-8")
+
+
+def test_bad_benchmark_file_is_named(optional: Path, tmp_path: Path) -> None:
+    bad = optional.parents[1] / "benchmarks" / DATASET / "prepare.tsv"
+    bad.write_text("not a benchmark\n")
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        build_report(optional, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "b")
+    build_report(optional, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "b", benchmarks_dir=tmp_path / "none")
+    assert "Wall time" not in (tmp_path / "b" / "report.html").read_text(encoding="utf-8")
 
 
 def test_summary_csv(results: Path, tmp_path: Path) -> None:

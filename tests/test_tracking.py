@@ -1,9 +1,17 @@
 """Tracking against a real MLflow SQLite store in a temporary directory."""
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
-from sslpipe import tracking
+from sslpipe import compare, tracking
 from sslpipe.config import config_hash, resolve
 
 
@@ -78,3 +86,178 @@ def test_disabled_tracking_writes_no_store(store, monkeypatch):
     with tracking.stage_run("prepare") as run:
         run.log({"x": 1.0})
     assert run.run_id is None and not (root / "mlflow.db").exists()
+
+
+# ----------------------------------------------------------------------------- concurrent writers
+WORKERS, RUNS_EACH, STEPS = 6, 3, 30
+CHILD = r"""
+import pathlib, sys, time
+import mlflow.tracking  # imported before the start signal, so the writers really overlap
+from sslpipe import tracking
+
+root, wid = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+(root / f"ready{wid}").touch()
+deadline = time.monotonic() + 60
+while not (root / "go").exists():
+    if time.monotonic() > deadline:
+        sys.exit("no start signal within 60 s")
+    time.sleep(0.01)
+note = root / f"note{wid}.txt"
+note.write_text(str(wid))
+for j in range(RUNS_EACH):
+    with tracking.stage_run("pretrain", method=f"w{wid}", seed=j, params={"pretrain": {"epochs": STEPS}}) as run:
+        for step in range(1, STEPS + 1):
+            run.log({"loss": wid + j + step / 100, "step_seen": step}, step)
+        run.artifact(note)
+""".replace("RUNS_EACH", str(RUNS_EACH)).replace("STEPS", str(STEPS))
+
+
+def _wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_concurrent_jobs_lose_nothing(store):
+    """Several jobs writing to the default SQLite store at once (what `snakemake --cores N` does)."""
+    import mlflow
+
+    cfg, h, root = store
+    info = tracking.init_pipeline(cfg, h, {})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(w)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(WORKERS)]
+    try:
+        _wait_for(lambda: all((root / f"ready{w}").exists() or procs[w].poll() is not None for w in range(WORKERS)),
+                  90, "the writers to start")
+        (root / "go").touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "tracking failed" not in err
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([info["experiment_id"]], "tags.`sslpipe.stage` = 'pretrain'", max_results=1000)
+    assert sorted((r.data.tags["sslpipe.method"], r.data.tags["sslpipe.seed"]) for r in runs) == sorted(
+        (f"w{w}", str(j)) for w in range(WORKERS) for j in range(RUNS_EACH))
+    for r in runs:
+        wid, j = int(r.data.tags["sslpipe.method"][1:]), int(r.data.tags["sslpipe.seed"])
+        assert r.info.status == "FINISHED" and r.data.params["pretrain.epochs"] == str(STEPS)
+        assert r.data.tags["mlflow.parentRunId"] == info["parent_run_id"]
+        loss = client.get_metric_history(r.info.run_id, "loss")
+        assert sorted((m.step, m.value) for m in loss) == [(s, wid + j + s / 100) for s in range(1, STEPS + 1)]
+        assert len(client.get_metric_history(r.info.run_id, "step_seen")) == STEPS
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == [f"note{wid}.txt"]
+
+
+# ----------------------------------------------------------------------------- HTTP tracking server
+@pytest.fixture
+def http_env():
+    """Restore MLflow's HTTP settings afterwards: tracking sets defaults for them in os.environ."""
+    saved = {k: os.environ.pop(k, None) for k in tracking.HTTP_DEFAULTS}
+    yield
+    for k, v in saved.items():
+        os.environ.pop(k, None)
+        if v is not None:
+            os.environ[k] = v
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, http_env):
+    """A real `mlflow server` on loopback, with proxied artifacts; always stopped afterwards."""
+    port, log = _free_port(), tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}", "--artifacts-destination", str(tmp_path / "art")]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with open(log, "w") as fh:  # own session, so the server and any workers it forks stop together
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready within 60 s"
+                pytest.skip(f"mlflow server could not start ({why}): {log.read_text()[-1500:]}")
+            time.sleep(0.5)
+        yield url, tmp_path / "art"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    import mlflow
+
+    url, art = mlflow_server
+    job = tmp_path / "job"
+    job.mkdir()
+    monkeypatch.chdir(job)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    cfg = resolve({"name": "served"})
+    h = config_hash(cfg)
+    monkeypatch.setenv(tracking.ENV, json.dumps(tracking.settings_from_config(cfg, h)))
+    info = tracking.init_pipeline(cfg, h, {"git_commit": "abc"})
+    assert info["tracking_uri"] == url
+    (job / "note.txt").write_text("over http")
+    with tracking.stage_run("pretrain", method="simclr", seed=0) as run:
+        run.log({"loss": 1.25}, 1)
+        run.artifact(job / "note.txt")
+    client = mlflow.tracking.MlflowClient(url)
+    child = client.get_run(run.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == info["parent_run_id"]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "loss")] == [(1, 1.25)]
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["note.txt"]
+    # Proxied: the file went through the server into its artifact store, nothing local to the job.
+    assert [p.read_text() for p in art.rglob("note.txt")] == ["over http"]
+    assert sorted(p.name for p in job.iterdir()) == ["note.txt"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    # `compare` reads the server the same way it reads a SQLite file.
+    with tracking.stage_run("linear_eval", method="simclr", seed=0) as run:
+        run.log({"linear_top1": 0.625})
+    table = compare.compare(url, fmt="csv").splitlines()
+    assert len(table) == 2 and table[1].startswith("digits,simclr,1,0.625,0.0,1,")
+
+
+@pytest.mark.parametrize("on_error", ["fail", "continue"])
+def test_unreachable_server_fails_fast(store, monkeypatch, capsys, http_env, on_error):
+    cfg, h, _ = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv(tracking.ENV, json.dumps(tracking.settings_from_config(
+        resolve({"tracking": {"on_error": on_error}}), h)))
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "7"  # a user's own setting is kept
+    t0 = time.monotonic()
+    if on_error == "fail":
+        with pytest.raises(RuntimeError, match="tracking.on_error: continue"):
+            with tracking.stage_run("prepare"):
+                pass
+    else:
+        with tracking.stage_run("prepare") as run:
+            run.log({"x": 1.0})
+        assert run.run_id is None and "tracking failed" in capsys.readouterr().err
+    # MLflow's own defaults (7 retries, exponential back-off) take minutes here.
+    assert time.monotonic() - t0 < 20
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]

@@ -12,7 +12,16 @@ the defaults: experiment "default", SQLite store `mlflow.db` in the working dire
 
 SQLite pitfalls: several processes creating a fresh store at once corrupt it, so the pipeline
 calls `init_pipeline` once before any job (Snakefile `onstart`); runs are always created with
-an explicit experiment id, and writes retry with back-off on "database is locked".
+an explicit experiment id. MLflow already sets `PRAGMA busy_timeout = 20000` on every SQLite
+session (a `?timeout=` in the URI would be overridden by it), so a writer waits up to 20 s for
+a lock (6 processes writing at once lose nothing and see no lock error: tests/test_tracking.py).
+A lock that SQLite refuses at once (a read transaction upgrading to a write while another
+process writes) can still surface as "database is locked"; every call retries that with
+jittered back-off (`_retry`).
+
+HTTP tracking servers: MLflow's own defaults (7 retries with exponential back-off, 120 s
+timeout) make an unreachable server cost minutes per call, which defeats `on_error: continue`.
+For http(s) URIs the client gets small defaults (`HTTP_DEFAULTS`) unless the user set them.
 """
 from __future__ import annotations
 
@@ -30,6 +39,10 @@ DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "def
             "config_hash": None, "dataset": None}
 
 LogFn = Callable[[dict[str, float], int | None], None]
+# Fail within seconds on a dead server; still ride out a short blip. The timeout is per socket
+# operation (connect, or a pause in a transfer), not per upload, so large artifacts still fit.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
 
 def settings() -> dict:
@@ -58,10 +71,14 @@ def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
             time.sleep(0.05 * 2 ** i * (1 + random.random()))
 
 
-def _client(s: dict):
+def _client(s: dict, uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(s))
+    uri = uri or tracking_uri(s)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():  # MLflow reads these at each request
+            os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
 
 
 def _experiment_id(client, s: dict, create: bool) -> str:
@@ -209,3 +226,66 @@ def finish_pipeline(cfg: dict, config_hash: str, status: str) -> None:
     parent = _find_parent(client, _experiment_id(client, s, create=False), config_hash)
     if parent:
         _retry(lambda: client.set_terminated(parent, status))
+
+
+# ----------------------------------------------------------------------------- reading runs back
+def _quote(value: str) -> str:
+    """A string literal for an MLflow filter (no escape syntax exists: pick the other quote)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot filter on a value containing both quote characters: {value!r}")
+
+
+def _experiments(client, names: list[str] | None, uri: str) -> dict[str, str]:
+    """{experiment id: name} for the named experiments, or for every active one."""
+    if names:
+        found = {n: _retry(lambda n=n: client.get_experiment_by_name(n)) for n in names}
+        missing = [n for n, e in found.items() if e is None]
+        if missing:
+            raise ValueError(f"no MLflow experiment named {', '.join(map(repr, missing))} at {uri}; "
+                             "leave out --experiment to search all of them")
+        return {e.experiment_id: e.name for e in found.values()}
+    out, token = {}, None
+    while True:
+        page = _retry(lambda: client.search_experiments(max_results=1000, page_token=token))
+        out.update({e.experiment_id: e.name for e in page})
+        token = page.token
+        if not token:
+            return out
+
+
+def search_eval_runs(experiments: list[str] | None = None, filters: dict[str, str] | None = None,
+                     uri: str | None = None, stage: str = "linear_eval") -> list[dict]:
+    """Every FINISHED run of `stage` in the given experiments (default: all) whose tags equal
+    `filters` ({tag: value}), oldest first, as plain dicts: run_id, experiment, experiment_id,
+    start_time (ms), tags, metrics (each metric's last value).
+
+    `uri` defaults like the jobs' own: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd.
+    Failed or still running jobs are left out: their metrics are partial or absent.
+    """
+    uri = uri or tracking_uri(DEFAULTS)
+    if uri.startswith("sqlite:///"):  # MLflow would silently create an empty store instead
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow store at {db}: run the pipeline there first, or pass "
+                                    "--tracking-uri (or set MLFLOW_TRACKING_URI)")
+    client = _client(DEFAULTS, uri)
+    names = _experiments(client, experiments, uri)
+    clauses = [f"tags.`sslpipe.stage` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
+    for key, value in (filters or {}).items():
+        if "`" in key:
+            raise ValueError(f"tag names cannot contain backticks: {key!r}")
+        clauses.append(f"tags.`{key}` = {_quote(str(value))}")
+    runs, token = [], None
+    while names:
+        page = _retry(lambda: client.search_runs(list(names), " and ".join(clauses), max_results=1000,
+                                                 order_by=["attributes.start_time ASC"], page_token=token))
+        runs += [{"run_id": r.info.run_id, "experiment": names[r.info.experiment_id],
+                  "experiment_id": r.info.experiment_id, "start_time": r.info.start_time,
+                  "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in page]
+        token = page.token
+        if not token:
+            break
+    return runs
