@@ -13,7 +13,7 @@ grayscale 0.2), then the same with Gaussian blur p 0.5. Two views per image, uin
 * kornia: the previous implementation (`augment.kornia_view_pipeline`), batched like sslpipe.
 
 Also times each op alone, kornia vs sslpipe's hand-written op (`--no-ops` skips this). Prints
-JSON lines; appends rows to benchmarks/RESULTS.md (`--no-record` skips).
+JSON lines; appends rows to benchmarks/RESULTS.md (`--no-record` skips; `--quick` runs print only).
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ class TwoViews(Dataset):
         return self.transform(img), self.transform(img)
 
 
-def torchvision_rate(x: torch.Tensor, views: dict, epochs: int, workers: int) -> list[float]:
-    """Images/s of each timed epoch through a DataLoader (after one warm-up epoch)."""
+def torchvision_epoch(x: torch.Tensor, views: dict, workers: int):
+    """One pass through a DataLoader (persistent workers: started once, by the warm-up pass)."""
     loader = DataLoader(TwoViews(x, torchvision_transform(views, x.shape[-1])), batch_size=BATCH, shuffle=True,
                         num_workers=workers, persistent_workers=workers > 0, drop_last=False)
 
@@ -76,11 +76,11 @@ def torchvision_rate(x: torch.Tensor, views: dict, epochs: int, workers: int) ->
         for v1, v2_ in loader:
             assert v1.dtype == torch.float32 and v2_.shape == v1.shape
 
-    return [len(x) / t for t in bl.timeit(epoch, repeat=epochs, warmup=1)]
+    return epoch
 
 
-def batched_rate(x: torch.Tensor, make_views, epochs: int) -> list[float]:
-    """Images/s of each timed pass over x in batches of BATCH from the resident tensor."""
+def batched_epoch(x: torch.Tensor, make_views):
+    """One pass over x in batches of BATCH indexed from the resident tensor (as the training loop)."""
     n = len(x)
 
     def epoch():
@@ -89,7 +89,20 @@ def batched_rate(x: torch.Tensor, make_views, epochs: int) -> list[float]:
             v1, v2_ = make_views(x[order[i:i + BATCH]])
             assert v1.dtype == torch.float32
 
-    return [n / t for t in bl.timeit(epoch, repeat=epochs, warmup=1)]
+    return epoch
+
+
+def interleaved_rates(n: int, epochs: dict, repeats: dict) -> dict[str, list[float]]:
+    """Images/s of each pipeline's timed passes, run in turn (a, b, c, a, b, c, ...) after one
+    warm-up pass each, so a change in machine load hits all of them alike."""
+    for fn in epochs.values():
+        fn()
+    rates = {k: [] for k in epochs}
+    for r in range(max(repeats.values())):
+        for k, fn in epochs.items():
+            if r < repeats[k]:
+                rates[k].append(n / bl.median(bl.timeit(fn, 1, warmup=0)))
+    return rates
 
 
 def kornia_maker(views: dict, size: int):
@@ -153,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-kornia", action="store_true")
     ap.add_argument("--no-ops", action="store_true")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    ap.add_argument("--record", action="store_true", help="append to RESULTS.md even with --quick")
     args = ap.parse_args(argv)
+    if args.quick and not args.record:  # smoke runs print only
+        args.no_record = True
     epochs = 2 if args.quick else args.epochs
     n_img = args.images or (1024 if args.quick else None)
 
@@ -170,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     for blur in (False, True):
         views = simclr_views(blur)
         maker = aug.ViewMaker(view_policy("simclr", views, x.shape[1], n_views=2))
-        rates = {"sslpipe": batched_rate(resident, lambda xb: maker(xb, 2), epochs)}
-        rates["torchvision"] = torchvision_rate(per_image, views, epochs, args.workers)
-        if not args.no_kornia:
-            rates["kornia"] = batched_rate(resident, kornia_maker(views, x.shape[1]),
-                                           max(1, epochs // 2) if not args.quick else 1)
+        epochs_fn = {"sslpipe": batched_epoch(resident, lambda xb: maker(xb, 2)),
+                     "torchvision": torchvision_epoch(per_image, views, args.workers)}
+        repeats = {"sslpipe": epochs, "torchvision": epochs}
+        if not args.no_kornia:  # slow: fewer passes
+            epochs_fn["kornia"] = batched_epoch(resident, kornia_maker(views, x.shape[1]))
+            repeats["kornia"] = 1 if args.quick else max(1, epochs // 2)
+        rates = interleaved_rates(len(x), epochs_fn, repeats)
         med = {k: bl.median(v) for k, v in rates.items()}
         rec = {"bench": "augment", "policy": "simclr" + (" + blur 0.5" if blur else ""), "images": len(x),
                "views_per_image": 2, **{f"{k}_images_per_s": v for k, v in med.items()},

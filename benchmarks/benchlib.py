@@ -95,8 +95,19 @@ def append_row(section: str, intro: str, header: list[str], row: list) -> None:
         lines = text.splitlines()
         start = lines.index(title)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        last_row = max(i for i in range(start, end) if lines[i].startswith("|"))
-        lines.insert(last_row + 1, line)
+        rows = [i for i in range(start, end) if lines[i].startswith("|")]
+        if rows:
+            # A script that gained columns: new header; older rows get "-" in the new cells.
+            lines[rows[0]] = "| " + " | ".join(header) + " |"
+            lines[rows[0] + 1] = "|" + "|".join("---" for _ in header) + "|"
+            for i in rows[2:]:
+                missing = len(header) - (lines[i].count("|") - 1)
+                if missing > 0:
+                    lines[i] += " - |" * missing
+            lines.insert(rows[-1] + 1, line)
+        else:
+            lines[start + 1:start + 1] = ["", intro, "", "| " + " | ".join(header) + " |",
+                                          "|" + "|".join("---" for _ in header) + "|", line]
         text = "\n".join(lines) + "\n"
     RESULTS.write_text(text)
 
