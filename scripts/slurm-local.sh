@@ -188,6 +188,13 @@ stop() {
         stop_daemon munged "$STATE/munged.pid"
         rm -f "$STATE/started-munged"
     fi
+    # Remove the config too: with a slurm.conf naming a controller that is gone, every SLURM
+    # client (and so snakemake's slurm plugin, which runs `scontrol show config` when it loads)
+    # waits ~10 s for an answer. `start` writes it again.
+    local f
+    for f in slurm.conf gres.conf; do
+        if [ -e "$CONF_DIR/$f" ] && grep -qF "$MARK" "$CONF_DIR/$f"; then rm -f "$CONF_DIR/$f"; fi
+    done
 }
 
 status() {

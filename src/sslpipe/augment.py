@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe.io import make_grid
+
 # SimCLR (Chen et al. 2020, appendix A): colour jitter of strength s is brightness, contrast and
 # saturation 0.8 s and hue 0.2 s; blur kernel about 10% of the image side; sigma in [0.1, 2.0].
 JITTER_BCS, JITTER_HUE = 0.8, 0.2
@@ -356,11 +358,9 @@ def preview_grid(images: Tensor, views: list[Tensor]) -> Tensor:
 
     Returns 3 x H' x W' float in [0, 1], ready for `save_png`.
     """
-    import torchvision
-
     cols = [images] + list(views)
     size = images.shape[-1]
     cols = [torch.nn.functional.interpolate(c.float(), size=(size, size)) if c.shape[-1] != size else c.float()
             for c in cols]
     tiles = torch.stack(cols, dim=1).flatten(0, 1)  # (N * (1+V)) x C x H x W, row-major
-    return torchvision.utils.make_grid(tiles, nrow=len(cols), padding=2, pad_value=1.0)
+    return make_grid(tiles, nrow=len(cols))

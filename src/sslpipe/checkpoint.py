@@ -4,7 +4,11 @@ A checkpoint holds the method's state_dict (model, heads, buffers such as MoCo's
 memory bank, CD's replay buffer), the optimizer state, the step counters, the history, the
 epoch's permutation and partial loss sums, and every RNG state, as tensors and plain values so
 that `torch.load(..., weights_only=True)` reads it. It is valid only for the settings, data and
-training code it was written with (`fingerprint`).
+training code it was written with (`fingerprint`), including the number of processes.
+
+Under DDP (distributed.py) rank 0 writes the checkpoint, holding every rank's RNG state
+(`rng_ranks`; every other part of the state is the same on all ranks, or, for MoCo's per-rank
+BatchNorm running statistics, never reaches rank 0's results), and every rank loads it.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sslpipe import distributed as ddp
 from sslpipe.io import atomic_path
 
 CHECKPOINT_FORMAT = 1
@@ -74,13 +79,13 @@ class Progress:
 
 
 def fingerprint(cfg: dict, method_name: str, seed: int, manifest: dict, policy: dict, device: torch.device,
-                amp_dtype: torch.dtype | None) -> str:
+                amp_dtype: torch.dtype | None, world: int = 1) -> str:
     """What a checkpoint is valid for: the settings training reads, the data, the code."""
     pretrain = {k: v for k, v in cfg["pretrain"].items() if k not in NEUTRAL_PRETRAIN_KEYS}
     settings = {"format": CHECKPOINT_FORMAT, "method": method_name, "seed": seed, "pretrain": pretrain,
                 "model": cfg["model"], "method_cfg": cfg[method_name], "policy": policy,
                 "channels_last": cfg["channels_last"], "device": device.type, "precision": str(amp_dtype),
-                "data_sha256": manifest["sha256"], "torch": torch.__version__, "code": code_hash()}
+                "data_sha256": manifest["sha256"], "torch": torch.__version__, "code": code_hash(), "world": world}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -147,16 +152,22 @@ class Checkpoint:
         method.load_state_dict(state["method"])  # copies into the existing tensors (device, layout)
         opt.load_state_dict(state["optimizer"])
         # Last, so that nothing drawn while the model was built shifts the restored streams.
-        set_rng_state(state["rng"], self.device)
+        set_rng_state(state["rng_ranks"][ddp.rank()] if "rng_ranks" in state else state["rng"], self.device)
         self.last = state["where"]
         return Progress.from_state(state["progress"], self.device)
 
     def save(self, method: torch.nn.Module, opt: torch.optim.Optimizer, st: Progress, where: str) -> None:
-        """Atomically: a kill mid-write leaves the previous checkpoint intact."""
+        """Atomically: a kill mid-write leaves the previous checkpoint intact. Under DDP every
+        rank calls this (it gathers the RNG states, and returns once the file is written)."""
+        rng = rng_state(self.device)
         state = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fp, "where": where, "method": method.state_dict(),
-                 "optimizer": opt.state_dict(), "rng": rng_state(self.device), "progress": st.to_state()}
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+                 "optimizer": opt.state_dict(), "rng": rng, "progress": st.to_state()}
+        if ddp.world() > 1:
+            state["rng_ranks"] = ddp.gather_objects(rng)
+        if ddp.is_main():
+            with atomic_path(self.path) as tmp:
+                torch.save(state, tmp)
+        ddp.barrier()  # no rank exits (Preempted) before the file is there
         self.last = where
 
     def due(self, epochs_done: int) -> bool:

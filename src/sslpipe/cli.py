@@ -7,6 +7,7 @@ schema's defaults (for running a stage by hand).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -121,7 +122,15 @@ def run(args: argparse.Namespace) -> int:
     method = getattr(args, "method", None)
     seed = getattr(args, "seed", None)
     stage = args.stage.replace("-", "_")
-    with tracking.stage_run(stage, method=method, seed=seed, params=cfg, provenance=provenance.describe()) as run:
+    track = None
+    if stage == "pretrain":  # under torchrun: join the process group; rank 0 alone opens an MLflow run
+        from sslpipe import distributed
+
+        distributed.init(cfg["device"])
+        if not distributed.is_main():
+            track = contextlib.nullcontext(tracking.StageRun(None, None))  # logs nothing
+    with track or tracking.stage_run(stage, method=method, seed=seed, params=cfg,
+                                     provenance=provenance.describe()) as run:
         if stage == "prepare":
             stages.prepare(cfg, args.out_dir, run)
         elif stage == "augment":

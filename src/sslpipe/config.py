@@ -88,6 +88,10 @@ def check(cfg: dict) -> None:
             raise ConfigError(f"config key 'pirl.grid' = {grid} cuts {size}px images into {size // grid}px patches, "
                               f"smaller than backbone '{backbone}' accepts ({MIN_IMAGE_SIZE[backbone]}px): "
                               "lower pirl.grid or raise data.image_size.")
+    b, procs = cfg["pretrain"]["batch_size"], cfg["pretrain"].get("processes", 1)
+    if b % procs:
+        raise ConfigError(f"config key 'pretrain.batch_size' = {b} is not divisible by pretrain.processes = {procs}: "
+                          "each process takes an equal share of every batch.")
     if "cd" in cfg["methods"] and cfg["cd"]["mode"] == "pcd" and cfg["cd"]["buffer_size"] < cfg["pretrain"]["batch_size"]:
         raise ConfigError(f"config key 'cd.buffer_size' = {cfg['cd']['buffer_size']} is smaller than "
                           f"pretrain.batch_size = {cfg['pretrain']['batch_size']}: the replay buffer must hold a batch.")

@@ -1,4 +1,8 @@
-"""Atomic file output: a killed job never leaves a file Snakemake would take as done."""
+"""Atomic file output: a killed job never leaves a file Snakemake would take as done.
+
+Also the small picture helpers every stage uses (a tile grid and a PNG writer), kept free of
+torchvision: importing it costs ~1.5 s of CPU in each job that draws one.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -44,3 +48,33 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as fh:
         return json.load(fh)
+
+
+def make_grid(tiles, nrow: int, padding: int = 2, pad_value: float = 1.0):
+    """tiles: K x C x h x w tensor -> C x H' x W', `nrow` tiles per row, each framed by
+    `padding` pixels of `pad_value` (torchvision.utils.make_grid's layout)."""
+    k, c, h, w = tiles.shape
+    rows = -(-k // nrow)
+    grid = tiles.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
+    for i in range(k):  # one copy per tile of a small picture: not a hot path
+        r, col = divmod(i, nrow)
+        top, left = r * (h + padding) + padding, col * (w + padding) + padding
+        grid[:, top:top + h, left:left + w] = tiles[i]
+    return grid
+
+
+def save_png(img, path: str | os.PathLike, min_height: int = 0) -> None:
+    """img: 3 x H x W float tensor in [0, 1] -> PNG, written atomically.
+
+    Small images are enlarged by an integer factor (nearest neighbour, so pixels stay exact)
+    until the picture is at least `min_height` tall: 16 px digits are unreadable otherwise.
+    """
+    from PIL import Image
+
+    arr = (img.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    picture = Image.fromarray(arr)
+    factor = max(1, -(-min_height // picture.height))
+    if factor > 1:
+        picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")

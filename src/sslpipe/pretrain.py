@@ -15,6 +15,15 @@ resumes from it automatically and, on the CPU, ends bit-identical to an uninterr
 CUDA as close as two uninterrupted runs are: some kernels are not deterministic); a checkpoint
 written for anything else is ignored with a message. The checkpoint is deleted once the final
 outputs exist; it is kept when the loss becomes non-finite.
+
+Several processes (DDP, `torchrun --nproc_per_node N`; see distributed.py). Every rank holds
+the whole training set and draws the same permutation (rank 0's, broadcast); rank r trains on
+its B/N rows of each global batch of B, gradients are averaged after backward, and BatchNorm
+normalises over the global batch (except MoCo, whose shuffling BN spans the ranks itself), so
+one step computes what a single process computes at batch B (tests/test_ddp.py). Augmentation
+streams differ per rank (each is seeded from (seed, rank)), so the ranks' views are independent.
+Only rank 0 echoes, logs, writes the outputs and the checkpoint (with every rank's RNG state);
+all ranks resume from it. The logged loss is the mean over the global batch.
 """
 from __future__ import annotations
 
@@ -31,6 +40,7 @@ import numpy as np
 import torch
 
 from sslpipe import data as data_mod
+from sslpipe import distributed as ddp
 from sslpipe.checkpoint import Checkpoint, Preempted, Progress, StopSignals, fingerprint
 from sslpipe.io import atomic_path, read_json, write_json, write_text
 from sslpipe.methods import METHODS
@@ -54,6 +64,32 @@ def make_optimizer(params, cfg: dict, device: torch.device) -> torch.optim.Optim
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], **fast)
     return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], **fast)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_method(cfg: dict, method_name: str, policy: dict, manifest: dict, n: int,
+                 device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(encoder, method) on `device`, ready to train.
+
+    Under DDP every BatchNorm normalises over the global batch, as the single-process run's
+    does, unless the method normalises per group on purpose (`global_bn = False`: MoCo's
+    shuffling BN); and every rank starts from rank 0's parameters and buffers.
+    """
+    encoder = build_encoder(cfg["model"], manifest)
+    method = METHODS[method_name](encoder, cfg[method_name], policy, n).to(device)
+    if cfg["channels_last"]:
+        method = method.to(memory_format=torch.channels_last)
+    if getattr(method, "global_bn", True):
+        ddp.sync_batchnorm(method, device)  # children replaced in place: `encoder` is converted too
+    ddp.broadcast_state(method)
+    if cfg["pretrain"]["compile"]:
+        encoder.backbone.compile()  # in place: state_dict keys stay those of the plain module
+    return encoder, method
 
 
 def load_train_tensor(data_dir: Path, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -82,9 +118,10 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tcfg = cfg["pretrain"]
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
+    seed_everything(seed)
+    world, main = ddp.world(), ddp.is_main()
+    if not main:  # rank 0 speaks for all
+        log, echo = (lambda m, s=None: None), (lambda line: None)
     device = pick_device(cfg["device"])
     amp_dtype = pick_dtype(cfg["precision"], device)
     manifest = data_mod.load_manifest(data_dir)
@@ -94,19 +131,21 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     if b > n:
         raise TrainingError(f"config key 'pretrain.batch_size' = {b} is larger than the training set "
                             f"({n} images in {data_dir}): lower pretrain.batch_size.")
+    if b % world:
+        raise TrainingError(f"config key 'pretrain.batch_size' = {b} is not divisible by the {world} processes: "
+                            "each process takes an equal share of every batch; change pretrain.batch_size or "
+                            "pretrain.processes.")
 
-    encoder = build_encoder(cfg["model"], manifest)
-    method = METHODS[method_name](encoder, cfg[method_name], policy, n).to(device)
-    if cfg["channels_last"]:
-        method = method.to(memory_format=torch.channels_last)
-    if tcfg["compile"]:
-        encoder.backbone.compile()  # in place: state_dict keys stay those of the plain module
+    encoder, method = build_method(cfg, method_name, policy, manifest, n, device)
+    if ddp.rank() > 0:  # independent augmentation streams per rank; rank 0 keeps the single-process one
+        seed_everything(int(np.random.SeedSequence([seed, ddp.rank()]).generate_state(1)[0]))
     opt = make_optimizer([p for p in method.parameters() if p.requires_grad], tcfg, device)
 
     echo(f"pretrain {method_name} seed={seed}: {n} images, batch {b}, {tcfg['epochs']} epochs, device {device}, "
-         f"precision {amp_dtype or 'fp32'}, backbone {cfg['model']['backbone']}")
+         f"precision {amp_dtype or 'fp32'}, backbone {cfg['model']['backbone']}"
+         + (f", {world} processes (batch {b // world} each)" if world > 1 else ""))
     ckpt = Checkpoint(Path(checkpoint) if checkpoint else None,
-                      fingerprint(cfg, method_name, seed, manifest, policy, device, amp_dtype),
+                      fingerprint(cfg, method_name, seed, manifest, policy, device, amp_dtype, world),
                       tcfg.get("checkpoint_every", 1), device)
     st = ckpt.load(method, opt, echo)
     resumed_at = None if st is None else st.step
@@ -118,7 +157,7 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
             log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     loop = Loop(method, opt, x, tcfg, device, amp_dtype, method_name, ckpt, log, echo,
-                monitor=knn_monitor(cfg, encoder, x, data_dir, device, amp_dtype))
+                monitor=knn_monitor(cfg, encoder, x, data_dir, device, amp_dtype) if main else None)
     try:
         loop.run(st)
     except (TrainingError, EnergyError) as exc:  # non-finite: keep the last good checkpoint, say where
@@ -126,19 +165,20 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
 
     method.eval()
     diagnostics = {}
-    if hasattr(method, "diagnostics"):
+    if main and hasattr(method, "diagnostics"):  # eval mode: no collectives, rank 0 alone is fine
         torch.manual_seed(seed)  # diagnostics draw noise too: make them repeatable on their own
         diagnostics = method.diagnostics(x[: min(n, 256)], out_dir) or {}
         if diagnostics:
             log(diagnostics, tcfg["epochs"])
-    save_encoder(encoder, out_dir / "encoder.pt")
-    write_text(out_dir / "history.csv", history_csv(st.history))
-    ckpt.delete()  # the outputs now hold all that the checkpoint was kept for
+    if main:  # every rank holds the same encoder; one writes it
+        save_encoder(encoder, out_dir / "encoder.pt")
+        write_text(out_dir / "history.csv", history_csv(st.history))
+        ckpt.delete()  # the outputs now hold all that the checkpoint was kept for
     wall = time.perf_counter() - loop.t_start
     summary = {"method": method_name, "seed": seed, "device": str(device), "precision": str(amp_dtype or "fp32"),
                "epochs": tcfg["epochs"], "steps": st.step, "wall_time_s": wall,
                "images_per_s": st.step * b / wall, "final_loss": st.history[-1]["loss"], "diagnostics": diagnostics,
-               "resumed_at_step": resumed_at}
+               "resumed_at_step": resumed_at, "processes": world}
     return summary
 
 
@@ -179,6 +219,8 @@ class Loop:
 
     def __post_init__(self) -> None:
         n, b = len(self.x), self.tcfg["batch_size"]
+        self.world, self.rows = ddp.world(), ddp.my_rows(b)  # rows: this rank's share of a global batch
+        self.params = [p for group in self.opt.param_groups for p in group["params"]]
         self.steps_per_epoch = n // b  # drop the last partial batch: contrastive losses want full batches
         self.total = self.steps_per_epoch * self.tcfg["epochs"]
         self.warmup = self.tcfg["warmup_epochs"] * self.steps_per_epoch
@@ -194,15 +236,15 @@ class Loop:
                 self.method.train()
                 t0 = time.perf_counter() - st.epoch_s
                 if st.order is None:  # a fresh epoch; a resumed one keeps its permutation and partial sums
-                    st.order = torch.randperm(len(self.x), device=self.device)
+                    st.order = ddp.broadcast(torch.randperm(len(self.x), device=self.device))  # rank 0's
                     st.loss_sum, st.extra_sum = torch.zeros((), device=self.device), {}
                 while st.step_in_epoch < self.steps_per_epoch:
                     self.step(st)
-                    if stop.received and st.step_in_epoch < self.steps_per_epoch:
+                    if st.step_in_epoch < self.steps_per_epoch and self.stopping(stop, st):
                         st.epoch_s = time.perf_counter() - t0
                         self.preempt(st, stop)
                 self.finish_epoch(st, t0)
-                if stop.received and st.epoch <= epochs:
+                if st.epoch <= epochs and self.stopping(stop, st, epoch_end=True):
                     self.preempt(st, stop)
                 # Also after the last epoch: a kill while the outputs are written then costs no epoch.
                 if self.ckpt.due(st.epoch - 1):
@@ -213,11 +255,14 @@ class Loop:
         for group in self.opt.param_groups:
             group["lr"] = self.lr(st.step)
         idx = st.order[st.step_in_epoch * b:(st.step_in_epoch + 1) * b]
+        if self.world > 1:
+            idx = idx[self.rows]  # this rank's B/W rows of the global batch
         amp = self.amp_dtype
         with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss, logs = self.method.loss(self.x[idx], idx)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        ddp.average_grads(self.params)  # the global batch's gradient (a no-op in one process)
         self.opt.step()
         self.method.after_step()
         st.loss_sum += loss.detach().float()
@@ -225,11 +270,25 @@ class Loop:
             st.extra_sum[k] = st.extra_sum.get(k, 0) + v.detach().float()
         st.step += 1
         st.step_in_epoch += 1
-        if st.step % self.tcfg["log_every"] == 0 and not torch.isfinite(st.loss_sum):
+        if st.step % self.tcfg["log_every"] == 0 and ddp.any_rank(not torch.isfinite(st.loss_sum), self.device):
             raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
+
+    def stopping(self, stop: StopSignals, st: Progress, epoch_end: bool = False) -> bool:
+        """Whether to stop now. Under DDP all ranks must stop after the same step (the checkpoint
+        is written collectively), so they agree every `log_every` steps and at epoch ends, one
+        small collective each; a signal then waits at most log_every steps."""
+        if self.world == 1:
+            return bool(stop.received)
+        if not epoch_end and st.step % self.tcfg["log_every"]:
+            return False
+        return ddp.any_rank(bool(stop.received), self.device)
 
     def finish_epoch(self, st: Progress, t0: float) -> None:
         """Close the epoch in progress: its history row (one host sync), then move `st` to the next."""
+        if self.world > 1:  # the global batch's loss (and logs): the mean over ranks, one collective
+            keys = sorted(st.extra_sum)
+            sums = ddp.mean(torch.stack([st.loss_sum, *(st.extra_sum[k] for k in keys)]))
+            st.loss_sum, st.extra_sum = sums[0], dict(zip(keys, sums[1:]))
         mean_loss = (st.loss_sum / self.steps_per_epoch).item()
         if not math.isfinite(mean_loss):
             raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
@@ -253,10 +312,11 @@ class Loop:
 
     def preempt(self, st: Progress, stop: StopSignals) -> None:
         """Write the checkpoint for where `st` stands and raise Preempted."""
-        if st.loss_sum is not None and not torch.isfinite(st.loss_sum):  # never save a diverged state
+        diverged = st.loss_sum is not None and not torch.isfinite(st.loss_sum)
+        if ddp.any_rank(diverged, self.device):  # never save a diverged state
             raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
         self.save(st)
-        raise Preempted(f"{self.name}: preempted by {stop.name} at {self.ckpt.last}; checkpoint written to "
+        raise Preempted(f"{self.name}: preempted by {stop.name or 'a signal to another process'} at {self.ckpt.last}; checkpoint written to "
                         f"{self.ckpt.path}; rerun to resume (the same command, or snakemake again).")
 
 
@@ -281,4 +341,5 @@ def history_csv(rows: list[dict]) -> str:
 
 
 def write_summary(out_dir: Path, summary: dict) -> None:
-    write_json(out_dir / "summary.json", summary)
+    if ddp.is_main():  # under DDP the stage runs on every rank; rank 0 writes
+        write_json(out_dir / "summary.json", summary)

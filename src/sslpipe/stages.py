@@ -14,24 +14,7 @@ import torch
 from sslpipe import data as data_mod
 from sslpipe import evaluate as ev
 from sslpipe import models
-from sslpipe.io import atomic_path, read_json, write_json
-
-
-def save_png(img: torch.Tensor, path: Path, min_height: int = 0) -> None:
-    """img: 3 x H x W float in [0, 1] -> PNG, written atomically.
-
-    Small images are enlarged by an integer factor (nearest neighbour, so pixels stay exact)
-    until the picture is at least `min_height` tall: 16 px digits are unreadable otherwise.
-    """
-    from PIL import Image
-
-    arr = (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    picture = Image.fromarray(arr)
-    factor = max(1, -(-min_height // picture.height))
-    if factor > 1:
-        picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+from sslpipe.io import read_json, save_png, write_json
 
 
 def prepare(cfg: dict, out_dir: Path, run) -> dict:

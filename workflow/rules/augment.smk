@@ -20,6 +20,8 @@ rule augment:
     benchmark:
         "benchmarks/{dataset}/augment/{method}.tsv"
     threads: 1
+    # Before the baselines: each augment job unlocks its method's pretraining, the long jobs.
+    priority: 2
     shell:
         "python -m sslpipe augment --config {params.cfg:q} --threads {threads} --method {wildcards.method} "
         "--seed {params.seed} --data-dir {params.data_dir:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

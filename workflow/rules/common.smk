@@ -1,6 +1,7 @@
 # Config validation, tracking set-up and input functions shared by every rule.
 import json
 import os
+import shlex
 import subprocess
 
 from snakemake.exceptions import WorkflowError
@@ -22,6 +23,7 @@ DATASET = config["data"]["name"] or config["data"]["source"]
 METHODS = config["methods"]
 SEEDS = config["seeds"]
 BASELINES = config["evaluate"]["baselines"]
+PRETRAIN_PROCESSES = config["pretrain"]["processes"]
 CONFIG_HASH = config_hash(config)
 
 # Tracking settings reach jobs through the environment, not params: pointing MLflow elsewhere
@@ -63,8 +65,25 @@ def eval_config(wildcards):
     part = json.loads(stage_config("linear_eval"))
     part["evaluate"].pop("knn_monitor_every", None)
     if wildcards.get("baseline") == "supervised":
-        part.update(pretrain=config["pretrain"], channels_last=config["channels_last"])
+        # ...but not the process count: the baseline trains in one process whatever pretraining uses.
+        pretrain = {k: v for k, v in config["pretrain"].items() if k != "processes"}
+        part.update(pretrain=pretrain, channels_last=config["channels_last"])
     return json.dumps(part, sort_keys=True)
+
+
+def pretrain_command(processes):
+    """`python -m sslpipe pretrain ...`; with pretrain.processes = N > 1 the same arguments under
+    `torchrun --standalone --nproc_per_node N -m` (DDP, one GPU per process; see
+    src/sslpipe/distributed.py), each process told to use threads // N CPU threads (at least 1).
+    One process gives exactly the command of earlier versions, so no job re-runs for it."""
+    args = ("sslpipe pretrain --config {params.cfg:q} --threads THREADS --method {wildcards.method} "
+            "--seed {wildcards.seed} --data-dir {params.data_dir:q} --policy {input.policy:q} "
+            "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} > {log:q} 2>&1")
+    if processes == 1:
+        return f"python -m {args.replace('THREADS', '{threads}')}"
+    n = int(processes)
+    launch = shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(n), "-m"])
+    return f"{launch} {args.replace('THREADS', f'$(( {{threads}} > {n} ? {{threads}} / {n} : 1 ))')}"
 
 
 def data_files(wildcards):

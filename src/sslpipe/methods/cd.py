@@ -8,6 +8,13 @@ in pixel space, the persistent chains live in a replay buffer with a few restart
 uniform noise each batch, and a small penalty on E^2 keeps the energies from drifting. The
 energy is a linear head on the encoder's features, which are what evaluation uses (the
 energy-based view of SSL in the NYU Deep Learning course notes).
+
+DDP (several processes): gradients are averaged and BatchNorm spans the global batch
+(pretrain.py), but each rank keeps its own replay buffer (its chains, its restarts): the
+buffers start equal and then drift apart, which only diversifies the negatives. Rank 0's
+buffer goes into the checkpoint and every rank resumes from it, so a resumed multi-process
+run is not bit-identical to an uninterrupted one. The grad_clip hooks clip each rank's
+gradient before the average, not the average. A non-finite energy stops all ranks together.
 """
 from __future__ import annotations
 
@@ -18,8 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sslpipe import distributed as ddp
 from sslpipe.augment import ViewMaker, to_float
-from sslpipe.io import atomic_path
+from sslpipe.io import atomic_path, make_grid, save_png
 from sslpipe.methods.shared import view_policy
 from sslpipe.models import Encoder
 
@@ -145,7 +153,8 @@ class CD(nn.Module):
         e = self.energy(torch.cat([x_pos, x_neg.to(x_pos.dtype)]))  # e: 2N
         e_pos, e_neg = e.chunk(2)
         # One host sync per step: small next to the K forward/backward passes of the sampler.
-        if not torch.isfinite(e).all():
+        # Under DDP one collective more, so that every rank raises, not one alone.
+        if ddp.any_rank(not torch.isfinite(e).all(), e.device):
             raise EnergyError("cd: the energies became non-finite (NaN). Lower cd.step_size, raise cd.alpha, "
                               "lower cd.grad_clip or pretrain.lr, or use precision: fp32.")
         if slots is not None:  # only after the check, so a failed step never poisons the buffer
@@ -158,7 +167,6 @@ class CD(nn.Module):
     @torch.no_grad()
     def diagnostics(self, x: Tensor, out_dir: str | Path) -> dict[str, float]:
         """Energy histograms of data, fresh negatives and uniform noise; a grid of negatives."""
-        import torchvision
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
         was_training = self.training
@@ -183,7 +191,5 @@ class CD(nn.Module):
         out_dir = Path(out_dir)
         with atomic_path(out_dir / "cd_energy_histogram.png") as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        grid = torchvision.utils.make_grid(x_neg[:64].cpu(), nrow=8, padding=2, pad_value=1.0)
-        with atomic_path(out_dir / "cd_negatives.png") as tmp:
-            torchvision.utils.save_image(grid, tmp, format="png")
+        save_png(make_grid(x_neg[:64].float().cpu(), nrow=8), out_dir / "cd_negatives.png")
         return {f"cd_energy_{name}": float(e.mean()) for name, e in energies.items()}

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe.augment import ViewMaker, corrupt, to_float
-from sslpipe.io import atomic_path
+from sslpipe.io import atomic_path, make_grid, save_png
 from sslpipe.methods.shared import view_policy
 from sslpipe.models import Encoder
 
@@ -151,14 +151,8 @@ def _energy_plot(sigmas: list[float], energies: list[float], path: Path) -> None
 
 def _reconstruction_grid(x_tilde: Tensor, z: Tensor, x: Tensor, path: Path) -> None:
     """Rows: corrupted, reconstructed, clean (one column per image), upscaled for small images."""
-    import torchvision
-    from PIL import Image
-
     tiles = torch.cat([x_tilde, z, x]).float().cpu()
     scale = max(1, 64 // tiles.shape[-1])  # 16 px digits would be unreadable at 1:1
     if scale > 1:
         tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
-    grid = torchvision.utils.make_grid(tiles, nrow=len(x), padding=2, pad_value=1.0)
-    arr = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+    save_png(make_grid(tiles, nrow=len(x)), path)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe import distributed as ddp
 from sslpipe.augment import ViewMaker
 from sslpipe.methods.shared import momentum_update, view_policy
 from sslpipe.models import Encoder, mlp_head
@@ -64,8 +65,25 @@ def grouped_forward(net: nn.Module, x: Tensor, groups: int, shuffle: bool) -> Te
     return out[torch.argsort(perm)]                     # un-shuffle: row i is net(x[i]) again
 
 
+def shuffled_forward_ddp(net: nn.Module, x: Tensor, groups: int) -> Tensor:
+    """MoCo's shuffling BN across processes (He et al. sec. 3.3; their code's _batch_shuffle_ddp).
+
+    x: this rank's N key views. All ranks' views are gathered (W*N), permuted by one global
+    permutation (rank 0's, broadcast), rank r encodes its N rows of the shuffled batch in
+    `groups` BatchNorm groups, and the outputs are gathered and un-shuffled. Returns every
+    rank's keys in global batch order (W*N x C), the same on all ranks; no autograd (keys are
+    constants). With bn_groups = W * groups this is exactly grouped_forward(shuffle=True) on one
+    device over the global batch, given the same permutation.
+    """
+    x_all = ddp.gather_nograd(x)                                        # x_all: W*N x 3 x H x W
+    perm = ddp.broadcast(torch.randperm(len(x_all), device=x.device))   # the same on every rank
+    mine = x_all[perm][ddp.my_rows(len(x_all))]                         # mine: N x 3 x H x W
+    out_all = ddp.gather_nograd(torch.cat([net(chunk) for chunk in mine.chunk(groups)]))  # W*N x C, shuffled
+    return out_all[torch.argsort(perm)]
+
+
 class MoCo(nn.Module):
-    """MoCo v2 on one device.
+    """MoCo v2 on one device, or on several processes (DDP).
 
     Shuffling BN: the paper computes BatchNorm per GPU and shuffles the key batch across GPUs,
     so a query and its positive key never share batch statistics (otherwise the model can find
@@ -80,7 +98,17 @@ class MoCo(nn.Module):
     batches) and keeps this batch's detached keys; `after_step` (after the optimizer step) first
     applies the momentum update to the key encoder, then enqueues those keys. The queue is never
     changed between the forward pass and the backward pass that needs it.
+
+    DDP (W processes): BatchNorm stays per group (`global_bn = False`: no SyncBatchNorm);
+    `bn_groups` counts the groups of the global batch, each rank running bn_groups // W of them
+    (at least 1): queries in batch order on their own rank, keys shuffled across all ranks
+    (`shuffled_forward_ddp`), as in the paper. The keys of all ranks are enqueued, in global
+    batch order, so the queue is the same on every rank and equals the single-process queue.
+    BatchNorm running statistics stay per rank (only train-mode batch statistics reach the
+    loss); rank 0's are saved.
     """
+
+    global_bn = False  # shuffling BN instead; see above
 
     name = "moco"
 
@@ -118,13 +146,19 @@ class MoCo(nn.Module):
 
     def loss(self, x: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         v_q, v_k = self.views(x, 2)
-        groups = max(1, min(self.bn_groups, len(x) // 2))
+        world = ddp.world()
+        groups = max(1, min(self.bn_groups // world, len(x) // 2))  # this rank's share of the BN groups
         q = F.normalize(grouped_forward(self._query, v_q, groups, shuffle=False).float(), dim=1)  # q: N x C
         with torch.no_grad():  # keys carry no gradient (He et al. Alg. 1: k = k.detach())
-            k = F.normalize(grouped_forward(self._key, v_k, groups, shuffle=True).float(), dim=1)  # k: N x C
+            if world == 1:
+                k_all = grouped_forward(self._key, v_k, groups, shuffle=True)
+            else:
+                k_all = shuffled_forward_ddp(self._key, v_k, groups)  # k_all: W*N x C, every rank's
+            k_all = F.normalize(k_all.float(), dim=1)
+            k = k_all[ddp.my_rows(len(k_all))] if world > 1 else k_all  # k: N x C, this rank's
         logits = moco_logits(q, k, self.queue, self.temperature)  # logits: N x (1+K)
         loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-        self._new_keys = k
+        self._new_keys = k_all  # all ranks' keys: the queue stays the same on every rank
         with torch.no_grad():  # how often the positive beats every queued negative
             acc = (logits.argmax(dim=1) == 0).float().mean()
         return loss, {"pos_top1": acc}

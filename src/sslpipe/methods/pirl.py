@@ -15,6 +15,10 @@ Choices where the paper leaves room or we simplify (all cheap to revisit):
 - Bank update: f(v_I) is L2-normalised before the average (similarity is cosine, so its scale
   should not weight the average), then m_I <- a m_I + (1 - a) f(v_I) is re-normalised, as in
   the released code (VISSL's NCEAverage.update_memory).
+- DDP (several processes): the negatives are rank 0's draw (broadcast), the bank updates of
+  all ranks (indices and rows) are gathered and written on every rank, so the bank stays the
+  same everywhere and one step equals the single-process step on the global batch; paper
+  mode's log Z is estimated from the whole first global batch.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sslpipe import distributed as ddp
 from sslpipe.augment import ViewMaker, jigsaw, unjigsaw
 from sslpipe.methods.shared import cosine_logits, view_policy
 from sslpipe.models import Encoder
@@ -181,13 +186,13 @@ class PIRL(nn.Module):
         g = self.g(patch_feats.reshape(n, -1))                   # g: N x proj_dim
         # Indexing copies, so the update below leaves the entries this loss uses unchanged.
         m = self.bank[idx]                                       # m: N x proj_dim
-        neg_idx = torch.randperm(self.num_train, device=self.bank.device)[: self.num_negatives]
+        neg_idx = ddp.broadcast(torch.randperm(self.num_train, device=self.bank.device)[: self.num_negatives])
         negatives = self.bank[neg_idx]                           # negatives: K x proj_dim
         if self.nce == "paper" and torch.isnan(self.log_z):
             # Z = N_data * mean exp(s(f, m_I')/tau), so that exp(s/tau)/Z averages 1/N_data
             # over the data, as a probability under uniform noise should (Wu et al. 2018).
             with torch.no_grad():
-                x = cosine_logits(f.detach().float(), negatives.float(), self.temperature)
+                x = cosine_logits(ddp.gather_nograd(f.detach().float()), negatives.float(), self.temperature)
                 self.log_z.fill_((torch.logsumexp(x.flatten(), 0) - math.log(x.numel())).item()
                                  + math.log(self.num_train))
         log_z = self.log_z.item() if self.nce == "paper" else 0.0
@@ -195,7 +200,9 @@ class PIRL(nn.Module):
         with torch.no_grad():
             f_unit = F.normalize(f.detach().float(), dim=1)
             bank_sim = (f_unit * m).sum(1).mean()
-            self.bank[idx] = F.normalize(self.bank_momentum * m + (1 - self.bank_momentum) * f_unit, dim=1)
+            new = F.normalize(self.bank_momentum * m + (1 - self.bank_momentum) * f_unit, dim=1)
+            # Every rank's rows, on every rank (distinct indices: one permutation's slices).
+            self.bank[ddp.gather_nograd(idx)] = ddp.gather_nograd(new.to(self.bank.dtype))
         return loss, {"bank_sim": bank_sim}
 
     def after_step(self) -> None:
