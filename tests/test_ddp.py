@@ -207,12 +207,12 @@ def test_torchrun_cli_writes_outputs_once_and_they_load(tmp_path):
 
 
 def test_rule_launches_torchrun_and_asks_for_one_gpu_per_process(tmp_path):
-    """Dry run with the SLURM profile's request (gpu: 1) on the command line: still 2 GPUs."""
+    """Dry run: 2 processes ask for 2 GPUs and 2 threads, and run under torchrun."""
     (tmp_path / "tiny.yaml").write_text(json.dumps(dict(TINY, tracking={"enabled": False})))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
            "results/digits/pretrain/moco/seed0/encoder.pt", "-n", "-p", "--cores", "4",
-           "--set-resources", "pretrain:gpu=1", "--configfile", str(tmp_path / "tiny.yaml")]
+           "--configfile", str(tmp_path / "tiny.yaml")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job = proc.stdout[proc.stdout.index("rule pretrain:"):]

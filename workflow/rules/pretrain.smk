@@ -22,12 +22,11 @@ rule pretrain:
     # per CPU-second than one 2-thread job (the small CNN's ops are too small to split well), and
     # on a GPU the CPU threads hardly matter. Raise it with --set-threads pretrain=N.
     threads: PRETRAIN_PROCESSES
+    # One GPU per process. Locally Snakemake counts it only against --resources gpu=N (so jobs
+    # take turns on N GPUs); the SLURM executor turns it into --gpus.
+    resources:
+        gpu=PRETRAIN_PROCESSES,
     priority: 1  # the long jobs start first; the baselines' short jobs fill the gaps
     shell:
         pretrain_command(PRETRAIN_PROCESSES)
 
-
-# As many GPUs as processes. The SLURM profile's request (set-resources: pretrain: gpu: 1) is
-# one GPU per process and would override a rule-level `resources:`, so scale it here.
-if PRETRAIN_PROCESSES > 1:
-    rules.pretrain.rule.resources["gpu"] = PRETRAIN_PROCESSES
