@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_record:
             bl.append_row(
                 "bench_pipeline: default pipeline wall time",
-                "`snakemake --cores all` with config/config.yaml (digits, small_cnn, five methods, 15 epochs) in a "
+                "`snakemake --cores all` with config/config.yaml (digits, small_cnn, five methods, the seeds and epochs it sets) in a "
                 "fresh directory, then again with nothing changed. Targets: scratch <= 180 s, rerun <= 10 s.",
                 ["date", "command", "machine", "load before (1/5/15 min)", "config", "from scratch", "rerun",
                  "rerun did nothing", "slowest jobs (wall s)"],

@@ -130,6 +130,18 @@ def test_rerun_with_nothing_changed_does_nothing(pipeline):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_snakemake_report_holds_the_marked_outputs(pipeline, tmp_path):
+    """`snakemake --report`: the outputs marked with report() (HTML report, summary, previews)
+    and their captions from workflow/report/ end up in one self-contained file."""
+    work, cfg, _ = pipeline
+    out = tmp_path / "snakemake-report.html"
+    snakemake(work, "--configfile", str(cfg), "--report", str(out))
+    text = out.read_text()
+    for name in ["report.html", "summary.csv"] + [f"{m}/preview.png" for m in METHODS]:
+        assert name in text, name
+    assert "ranked by linear top-1" in text, "the summary's caption (workflow/report/summary.rst) is missing"
+
+
 def test_changing_one_method_reruns_only_that_method(pipeline, tmp_path):
     work, _, _ = pipeline
     changed = dict(TINY, moco={**TINY["moco"], "temperature": 0.3})
