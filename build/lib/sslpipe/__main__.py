@@ -1,0 +1,3 @@
+from sslpipe.cli import main
+
+raise SystemExit(main())

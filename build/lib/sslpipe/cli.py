@@ -1,0 +1,145 @@
+"""One command line for every stage: `python -m sslpipe <stage> ...`. Rules call only this.
+
+`--config` takes the resolved config (or the rule's slice of it) as JSON, as the Snakefile
+passes it, or the path of a YAML config file, which is then validated and completed with the
+schema's defaults (for running a stage by hand).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from sslpipe import config as config_mod
+
+
+def load_config(text: str) -> dict:
+    if text.lstrip().startswith("{"):
+        return json.loads(text)
+    return config_mod.load(text)
+
+
+def _common(p: argparse.ArgumentParser, method: bool = False, seed: bool = False) -> None:
+    p.add_argument("--config", required=True, help="resolved config as JSON, or a YAML config file")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (Snakemake's {threads})")
+    if method:
+        p.add_argument("--method", required=True)
+    if seed:
+        p.add_argument("--seed", type=int, required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sslpipe", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("check-config", help="validate a config (and fill defaults); print it as JSON")
+    p.add_argument("config")
+
+    p = sub.add_parser("track-init", help="create the MLflow store, experiment and pipeline run")
+    _common(p)
+
+    p = sub.add_parser("track-finish", help="mark the pipeline run FINISHED or FAILED")
+    _common(p)
+    p.add_argument("--status", choices=["FINISHED", "FAILED"], required=True)
+
+    p = sub.add_parser("prepare", help="load a dataset into uint8 arrays and a manifest")
+    _common(p)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("augment", help="resolve a method's view policy; write preview and benchmark")
+    _common(p, method=True, seed=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain one method for one seed")
+    _common(p, method=True, seed=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--policy", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="resume checkpoint, kept outside the outputs: resumed from when it matches, written "
+                        "every pretrain.checkpoint_every epochs and on SIGTERM/SIGUSR1, deleted when done")
+
+    p = sub.add_parser("linear-eval", help="linear probe and kNN on a frozen encoder, or a baseline")
+    _common(p, method=True, seed=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--encoder", type=Path, help="encoder.pt; omit for the baselines 'pixels' and 'random'")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("report", help="the HTML/Markdown report comparing methods")
+    _common(p)
+    p.add_argument("--results-dir", type=Path, required=True)
+    p.add_argument("--out-dir", type=Path, required=True)
+
+    p = sub.add_parser("compare", help="methods x metrics (mean ± std over seeds) from the MLflow store",
+                       description="Compare linear_eval results across configs and pipeline runs, "
+                                   "read back from MLflow. The latest run per (config hash, method, seed) counts.")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    p.add_argument("--experiment", action="append", help="experiment (config `name`); repeatable; default all")
+    p.add_argument("--dataset", help="only this dataset")
+    p.add_argument("--method", action="append", help="only this method or baseline; repeatable")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs with this tag, e.g. sslpipe.git_commit=abc123; repeatable")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (config_mod.ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"sslpipe {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from sslpipe import provenance, stages, tracking
+
+    if args.stage == "compare":
+        from sslpipe import compare
+
+        print(compare.compare(args.tracking_uri, args.experiment, args.dataset, args.method,
+                              compare.parse_tags(args.tag), args.format), end="")
+        return 0
+    if args.stage == "check-config":
+        print(json.dumps(config_mod.load(args.config), indent=2, sort_keys=True))
+        return 0
+    cfg = load_config(args.config)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.stage == "track-init":
+        info = tracking.init_pipeline(cfg, config_mod.config_hash(cfg), provenance.describe())
+        print(json.dumps(info))
+        return 0
+    if args.stage == "track-finish":
+        tracking.finish_pipeline(cfg, config_mod.config_hash(cfg), args.status)
+        return 0
+    method = getattr(args, "method", None)
+    seed = getattr(args, "seed", None)
+    stage = args.stage.replace("-", "_")
+    track = None
+    if stage == "pretrain":  # under torchrun: join the process group; rank 0 alone opens an MLflow run
+        from sslpipe import distributed
+
+        distributed.init(cfg["device"])
+        if not distributed.is_main():
+            track = contextlib.nullcontext(tracking.StageRun(None, None))  # logs nothing
+    with track or tracking.stage_run(stage, method=method, seed=seed, params=cfg,
+                                     provenance=provenance.describe()) as run:
+        if stage == "prepare":
+            stages.prepare(cfg, args.out_dir, run)
+        elif stage == "augment":
+            stages.augment(cfg, method, seed, args.data_dir, args.out_dir, run)
+        elif stage == "pretrain":
+            stages.pretrain(cfg, method, seed, args.data_dir, args.policy, args.out_dir, run,
+                            checkpoint=args.checkpoint)
+        elif stage == "linear_eval":
+            stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run)
+        elif stage == "report":
+            stages.report(cfg, args.results_dir, args.out_dir, run)
+    return 0

@@ -1,0 +1,298 @@
+"""The prepare stage: load a dataset once into compact uint8 arrays plus a manifest.
+
+Writes to out_dir: ``train.npz`` / ``test.npz`` with ``x`` uint8 (N, S, S, 3), S =
+``data.image_size`` (grayscale replicated to 3 channels), and ``y`` int64 (N,) class indices;
+then ``manifest.json`` (classes, counts, per-channel train ``mean``/``std`` in [0, 1] that
+training normalises with, ``sha256`` of x + y bytes per split, ...). Sources: ``digits``
+(scikit-learn, offline), ``cifar10``/``cifar100``/``stl10`` (torchvision cache at data.path or
+data/<source>), ``folder`` (ImageFolder: ``path/{train,test}/<class>/*`` or one ``path/<class>/*``
+tree split by test_fraction) and ``npz`` (x_train, y_train, x_test, y_test, optional classes).
+max_train/max_test take class-balanced seeded subsets. Everything is loaded and checked before
+the first write, and writes go through `atomic_path`, so a failed or killed run leaves no
+complete-looking file.
+"""
+from __future__ import annotations
+
+import hashlib
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .io import atomic_path, read_json, write_json
+
+SPLITS = ("train", "test")
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+IMG_EXTENSIONS = {".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}
+# torchvision class name and the extracted folder it expects inside the root directory.
+TORCHVISION = {"cifar10": ("CIFAR10", "cifar-10-batches-py"),
+               "cifar100": ("CIFAR100", "cifar-100-python"),
+               "stl10": ("STL10", "stl10_binary")}
+RESIZE_CHUNK = 2048  # images per interpolate call: bounds the float32 copy (STL10 at 96 px)
+
+
+class DataError(ValueError):
+    """Bad data input; the message names the config key or file and what to do."""
+
+
+def dataset_name(data_cfg: dict) -> str:
+    return data_cfg.get("name") or data_cfg["source"]
+
+
+# ----------------------------------------------------------------------------- public API
+def prepare(data_cfg: dict, out_dir: str | Path) -> dict:
+    """Load `data_cfg`'s dataset, write out_dir/{train,test}.npz and manifest.json; return the manifest."""
+    source = data_cfg["source"]
+    if source not in LOADERS:
+        raise DataError(f"data.source: unknown source {source!r}; use one of {sorted(LOADERS)}")
+    size, seed = data_cfg["image_size"], data_cfg["split_seed"]
+    x_tr, y_tr, x_te, y_te, classes = LOADERS[source](data_cfg)
+    loaded = {"train": (x_tr, y_tr, data_cfg.get("max_train")),
+              "test": (x_te, y_te, data_cfg.get("max_test"))}
+    splits = {}  # split -> (x (N,size,size,3) uint8, y (N,) int64); subset first, resize only what is kept
+    for i, (split, (x, y, max_n)) in enumerate(loaded.items()):
+        keep = balanced_subset(y, max_n, seed + i)
+        if len(keep) == 0:
+            raise DataError(f"data.source={source}: the {split} split is empty; check data.path")
+        splits[split] = (_resize(_to_rgb(x[keep]), size), y[keep].astype(np.int64))
+    manifest = _manifest(data_cfg, classes, splits)
+    out_dir = Path(out_dir)
+    # Both arrays become visible only if both writes succeed; the manifest goes last and marks completion.
+    with atomic_path(out_dir / "train.npz") as tmp_tr, atomic_path(out_dir / "test.npz") as tmp_te:
+        np.savez(tmp_tr, x=splits["train"][0], y=splits["train"][1])
+        np.savez(tmp_te, x=splits["test"][0], y=splits["test"][1])
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return (x uint8 (N,H,W,3), y int64 (N,)) of a prepared split."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    path = Path(data_dir) / f"{split}.npz"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the prepare stage first")
+    with np.load(path, allow_pickle=False) as z:
+        return z["x"], z["y"].astype(np.int64, copy=False)
+
+
+def load_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: not found; run the prepare stage first")
+    return read_json(path)
+
+
+# ----------------------------------------------------------------------------- array helpers
+def balanced_subset(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a class-balanced random subset of size k (all indices if k is None or >= N).
+
+    Round-robin over classes without a loop: rank every sample within its class in a random
+    order, then keep the k smallest ranks (ties, i.e. which classes get the remainder, random).
+    Classes with fewer than k/C samples contribute all they have.
+    """
+    n = len(y)
+    if k is None or k >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    order = np.argsort(y[perm], kind="stable")           # grouped by class, random within
+    y_sorted = y[perm][order]
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n) - np.searchsorted(y_sorted, y_sorted, side="left")
+    pick = np.lexsort((np.arange(n), rank))[:k]          # by rank, then by random position
+    return np.sort(perm[pick])
+
+
+def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx): round(n_c * test_fraction) of each class c to test, >= 1 left in train."""
+    rng = np.random.default_rng(seed)
+    is_test = np.zeros(len(y), bool)
+    for c in np.unique(y):  # loop over classes, not images
+        idx = rng.permutation(np.flatnonzero(y == c))
+        is_test[idx[:min(int(round(len(idx) * test_fraction)), len(idx) - 1)]] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def _to_rgb(x: np.ndarray) -> np.ndarray:
+    """(N,H,W) grayscale -> (N,H,W,3) by replication; (N,H,W,3) unchanged."""
+    return np.repeat(x[..., None], 3, axis=-1) if x.ndim == 3 else x
+
+
+def _resize(x: np.ndarray, size: int) -> np.ndarray:
+    """(N,H,W,3) uint8 -> (N,size,size,3) uint8, batched antialiased bilinear (torch)."""
+    if x.shape[1:3] == (size, size):
+        return x
+    import torch
+    import torch.nn.functional as F
+    out = np.empty((len(x), size, size, 3), np.uint8)
+    for start in range(0, len(x), RESIZE_CHUNK):
+        t = torch.from_numpy(np.ascontiguousarray(x[start:start + RESIZE_CHUNK]))
+        t = F.interpolate(t.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        out[start:start + RESIZE_CHUNK] = t.round_().clamp_(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def _channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean/std in [0,1] from 256-bin histograms (no float copy of x)."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    hists = [np.bincount(x[..., c].ravel(), minlength=256).astype(np.float64) for c in range(3)]
+    means = [float(h @ values / h.sum()) for h in hists]
+    stds = [float(np.sqrt(h @ (values - m) ** 2 / h.sum())) for h, m in zip(hists, means)]
+    return means, stds
+
+
+def _sha256(x: np.ndarray, y: np.ndarray) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(x).tobytes())
+    h.update(np.ascontiguousarray(y, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def _manifest(cfg: dict, classes: list[str], splits: dict) -> dict:
+    mean, std = _channel_stats(splits["train"][0])
+    return {
+        "dataset": dataset_name(cfg), "source": cfg["source"], "path": cfg.get("path"),
+        "classes": classes, "num_classes": len(classes), "image_size": cfg["image_size"],
+        "channels": 3, "mean": mean, "std": std, "split_seed": cfg["split_seed"],
+        "counts": {s: int(len(y)) for s, (_, y) in splits.items()},
+        "class_counts": {s: np.bincount(y, minlength=len(classes)).tolist() for s, (_, y) in splits.items()},
+        "sha256": {s: _sha256(x, y) for s, (x, y) in splits.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- loaders
+# Each returns (x_train, y_train, x_test, y_test, classes); x is (N,H,W[,3]) uint8.
+def _load_digits(cfg: dict):
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8), 0..16 -> 0..255
+    tr, te = stratified_split(d.target, cfg["test_fraction"], cfg["split_seed"])
+    return x[tr], d.target[tr], x[te], d.target[te], [str(c) for c in d.target_names]
+
+
+def _load_torchvision(cfg: dict):
+    import torchvision.datasets as tvd
+    source = cfg["source"]
+    cls_name, folder = TORCHVISION[source]
+    root = Path(cfg.get("path") or f"data/{source}")
+
+    def open_split(train: bool):
+        kwargs = {"split": "train" if train else "test"} if source == "stl10" else {"train": train}
+        try:
+            return getattr(tvd, cls_name)(str(root), download=cfg["download"], **kwargs)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+            raise DataError(
+                f"data.source={source}: no {cls_name} data in {root} (data.path) and data.download is "
+                f"{str(cfg['download']).lower()}. Set data.download: true where internet is available, "
+                f"or place the extracted torchvision folder {folder}/ in {root}.") from e
+
+    tr, te = open_split(True), open_split(False)
+    if source == "stl10":  # STL10 keeps NCHW arrays and `labels`
+        return (tr.data.transpose(0, 2, 3, 1), np.asarray(tr.labels), te.data.transpose(0, 2, 3, 1),
+                np.asarray(te.labels), list(tr.classes))
+    return tr.data, np.asarray(tr.targets), te.data, np.asarray(te.targets), list(tr.classes)
+
+
+def _scan_tree(root: Path) -> tuple[list[str], list[Path], np.ndarray]:
+    """ImageFolder scan: sorted class dirs, their image files and integer labels."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class subdirectories; expected {root}/<class>/<image> (data.path)")
+    files, labels = [], []
+    for i, name in enumerate(classes):
+        imgs = sorted(p for p in (root / name).iterdir()
+                      if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        if not imgs:
+            raise DataError(f"{root / name}: empty class directory (no {sorted(IMG_EXTENSIONS)} files); "
+                            "add images or remove the directory")
+        files += imgs
+        labels += [i] * len(imgs)
+    return classes, files, np.asarray(labels, np.int64)
+
+
+def _decode(files: list[Path], size: int) -> np.ndarray:
+    """Decode image files to (N,size,size,3) uint8; one file at a time (I/O-bound)."""
+    from PIL import Image
+    x = np.empty((len(files), size, size, 3), np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:  # PIL's bilinear resize antialiases when shrinking
+                x[i] = np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(f"{f}: cannot read image ({e}); fix or delete the file") from e
+    return x
+
+
+def _load_folder(cfg: dict):
+    root, size = _input_path(cfg, want_dir=True), cfg["image_size"]
+    has = [(root / s).is_dir() for s in SPLITS]
+    if any(has) and not all(has):
+        raise DataError(f"{root}: has only one of train/ and test/; provide both, or one <class>/ tree")
+    if all(has):
+        (cls_tr, f_tr, y_tr), (cls_te, f_te, y_te) = _scan_tree(root / "train"), _scan_tree(root / "test")
+        if cls_tr != cls_te:
+            raise DataError(f"{root}: train/ classes {cls_tr} differ from test/ classes {cls_te}")
+        return _decode(f_tr, size), y_tr, _decode(f_te, size), y_te, cls_tr
+    classes, files, y = _scan_tree(root)
+    x = _decode(files, size)
+    tr, te = stratified_split(y, cfg["test_fraction"], cfg["split_seed"])
+    return x[tr], y[tr], x[te], y[te], classes
+
+
+def _input_path(cfg: dict, want_dir: bool) -> Path:
+    """data.path for folder/npz sources, checked before any heavy work."""
+    kind = "an ImageFolder directory" if want_dir else "an .npz file"
+    if not cfg.get("path"):
+        raise DataError(f"data.path: required for data.source={cfg['source']}; set it to {kind}")
+    path = Path(cfg["path"])
+    if not path.exists():
+        raise DataError(f"data.path: {path} does not exist; fix data.path")
+    if not (path.is_dir() if want_dir else path.is_file()):
+        raise DataError(f"data.path: {path} is not {kind}; fix data.path")
+    return path
+
+
+def _read_npz(path: Path) -> dict:
+    """All arrays of an .npz file; unreadable or truncated files become a DataError."""
+    if not zipfile.is_zipfile(path):  # np.savez writes a zip; truncation loses its directory
+        raise DataError(f"{path}: not a valid .npz file (not a complete zip archive, e.g. truncated); "
+                        "re-create it with np.savez")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: not a valid .npz file ({type(e).__name__}: {e}); "
+                        "re-create it with np.savez") from e
+
+
+def _load_npz(cfg: dict):
+    path = _input_path(cfg, want_dir=False)
+    a = _read_npz(path)
+    missing = [k for k in NPZ_KEYS if k not in a]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {missing}; an npz source needs {list(NPZ_KEYS)}")
+    classes = [str(c) for c in a["classes"].reshape(-1).tolist()] if "classes" in a else None
+    for s in SPLITS:
+        x, y = a[f"x_{s}"], a[f"y_{s}"]
+        if x.dtype != np.uint8:
+            raise DataError(f"{path}: x_{s} has dtype {x.dtype}; store uint8 pixels 0..255")
+        if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
+            raise DataError(f"{path}: x_{s} has shape {x.shape}; expected (N,H,W,3) or grayscale (N,H,W)")
+        if len(x) == 0:
+            raise DataError(f"{path}: x_{s} is empty; each split needs at least one image")
+        if y.shape != (len(x),):
+            raise DataError(f"{path}: y_{s} has shape {y.shape} but x_{s} has {len(x)} images")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{path}: y_{s} has dtype {y.dtype}; labels must be integer class indices")
+        if y.min() < 0 or (classes is not None and y.max() >= len(classes)):
+            raise DataError(f"{path}: y_{s} has labels in [{y.min()}, {y.max()}]; they must lie in "
+                            f"0..{'' if classes is None else len(classes) - 1} (class indices)")
+    if classes is None:
+        classes = [str(c) for c in range(int(max(a["y_train"].max(), a["y_test"].max())) + 1)]
+    return a["x_train"], a["y_train"], a["x_test"], a["y_test"], classes
+
+
+LOADERS = {"digits": _load_digits, "cifar10": _load_torchvision, "cifar100": _load_torchvision,
+           "stl10": _load_torchvision, "folder": _load_folder, "npz": _load_npz}

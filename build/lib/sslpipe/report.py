@@ -1,0 +1,412 @@
+"""Report stage: gather every method's and baseline's outputs into one HTML page, a Markdown
+twin and a summary CSV.
+
+Optional inputs get a section only when they exist: kNN-monitor curves (`knn_top1` column of
+history.csv), embedding plots (linear_eval/{name}/seed{first seed}/embedding.png), label-efficient
+probes (`linear_top1_<p>pct` keys of metrics.json), method diagnostics (other PNGs of a pretrain
+folder) and wall time per job (Snakemake benchmark TSVs).
+
+The HTML is self-contained (inline CSS, figures as base64 PNG data URIs) so it can be mailed
+or attached to an MLflow run without its results folder. Every output goes through
+`sslpipe.io` atomic writes, so a killed job never leaves a half-written report behind.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+# Figure (not pyplot) keeps no global state and needs no GUI backend: safe in worker jobs.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from .io import atomic_path, read_json
+
+METRICS = ("linear_top1", "linear_top5", "knn_top1")
+METRIC_LABELS = {"linear_top1": "Linear top-1", "linear_top5": "Linear top-5", "knn_top1": "kNN top-1"}
+PCT = re.compile(r"^linear_top1_(\d+(?:\.\d+)?)pct$")  # linear probe trained on p% of the labels
+CSV_COLUMNS = ["name", "kind", "n_seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
+# Baselines that bound the methods from above (trained with labels): not a bar a method must clear.
+REFERENCES = frozenset({"supervised"})
+# PNGs in a pretrain run folder that are not method diagnostics (the report draws its own plots).
+STANDARD_PNGS = frozenset({"loss.png", "loss_curve.png", "preview.png"})
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f3f3f3}tr.baseline td{color:#666;font-style:italic}img{max-width:100%}
+figure{display:inline-block;margin:.5em}pre{background:#f6f8fa;padding:.8em;overflow-x:auto}
+.warn{color:#a40000;font-weight:bold}"""
+
+
+# ----------------------------------------------------------------------------- reading inputs
+def _require(path: Path) -> Path:
+    # Name the exact missing file: "results incomplete" is useless when debugging a DAG.
+    if not path.is_file():
+        raise FileNotFoundError(f"report input missing: {path}")
+    return path
+
+
+def _load_json(path: Path) -> Any:
+    return read_json(_require(path))
+
+
+def _write_text(path: Path, text: str) -> None:
+    # Like io.write_text but pinned to UTF-8: the report contains "±" whatever the job's locale.
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _load_benchmark(path: Path) -> float:
+    """Seconds a job took: column `s` of a Snakemake benchmark TSV (mean over repeats)."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    try:
+        return statistics.mean(float(r["s"]) for r in rows)
+    except (KeyError, ValueError, TypeError, statistics.StatisticsError):
+        raise ValueError(f"{path} is not a Snakemake benchmark file (a tab-separated table with an 's' "
+                         "column); delete it and re-run that job to measure it again") from None
+
+
+def _benchmarks(bdir: Path, kinds: dict[str, str], seeds: list[int]) -> list[tuple]:
+    """(stage, name or None, seed or None, seconds) per job of this config, from benchmarks/{dataset}/.
+
+    The path names the job: {stage}[/{name}][/seed{seed}].tsv, e.g. pretrain/simclr/seed0.tsv.
+    Files of methods or seeds not in this config are stale and left out, and so is report.tsv:
+    the report's own benchmark is written after it finishes, so it is always a previous run's.
+    """
+    jobs = []
+    for path in sorted(bdir.rglob("*.tsv")) if bdir.is_dir() else []:
+        stage, *rest = path.relative_to(bdir).with_suffix("").parts
+        seed = int(rest.pop()[4:]) if rest and re.fullmatch(r"seed\d+", rest[-1]) else None
+        name = "/".join(rest) or None
+        if stage == "report" or (name and name not in kinds) or (seed is not None and seed not in seeds):
+            continue
+        jobs.append((stage, name, seed, _load_benchmark(path)))
+    return jobs
+
+
+def _load_history(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(_require(path))
+    missing = {"epoch", "loss"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path} lacks columns {sorted(missing)}")
+    return df
+
+
+# ----------------------------------------------------------------------------- statistics
+def _mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean and sample std; std is 0.0 for a single seed rather than undefined."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.mean(vals), std, len(vals)
+
+
+def _metric_keys(metrics: list[dict]) -> list[str]:
+    """The standard metrics, then each label-efficient probe present, by label fraction."""
+    pct = {k for m in metrics for k in m if PCT.match(k)}
+    return list(METRICS) + sorted(pct, key=lambda k: float(PCT.match(k).group(1)))
+
+
+def _label(key: str) -> str:
+    return METRIC_LABELS.get(key) or f"Linear top-1 ({PCT.match(key).group(1)}% labels)"
+
+
+def _csv_columns(keys: list[str]) -> list[str]:
+    return CSV_COLUMNS + [f"{m}_{s}" for m in keys if m not in METRICS for s in ("mean", "std")]
+
+
+def _summarise(name: str, kind: str, metrics: list[dict], keys: list[str]) -> dict:
+    if any(r.get("linear_top1") is None for r in metrics):  # the ranking key; top-5 alone may be null
+        raise ValueError(f"linear_top1 missing for {name}")
+    row: dict[str, Any] = {"name": name, "kind": kind, "n_seeds": len(metrics)}
+    for m in keys:
+        row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = _mean_std([r.get(m) for r in metrics])
+    return row
+
+
+def _fmt(row: dict, metric: str) -> str:
+    mean, std, n = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"]
+    return "—" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f} (n={n})"
+
+
+def _winners(rows: list[dict]) -> list[str]:
+    """SSL methods whose mean linear top-1 is strictly above every (non-reference) baseline's."""
+    base = [r["linear_top1_mean"] for r in rows if r["kind"] == "baseline" and r["name"] not in REFERENCES]
+    if not base:
+        return []
+    best = max(base)
+    return [r["name"] for r in rows if r["kind"] == "ssl" and r["linear_top1_mean"] > best]
+
+
+# ----------------------------------------------------------------------------- figures
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _fig_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _bar_chart(rows: list[dict]) -> bytes:
+    fig = Figure(figsize=(max(4, 0.9 * len(rows) + 1.5), 3.5))
+    ax = fig.subplots()
+    names = [r["name"] for r in rows]
+    ax.bar(names, [100 * r["linear_top1_mean"] for r in rows],
+           yerr=[100 * r["linear_top1_std"] for r in rows], capsize=4,
+           color=["tab:blue" if r["kind"] == "ssl" else "tab:gray" for r in rows])
+    ax.set_ylabel("linear top-1 (%)")
+    ax.set_title("Linear probe top-1 (mean ± sample std over seeds)")
+    ax.tick_params(axis="x", rotation=30)
+    return _fig_png(fig)
+
+
+def _curve_chart(histories: dict[str, list[pd.DataFrame]], column: str, ylabel: str, title: str,
+                 scale: float = 1.0) -> bytes:
+    # Seed-averaged curve per method, with a ±std band when there are several seeds. Rows where
+    # `column` is empty are skipped (the kNN monitor runs only every few epochs).
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    for method, dfs in histories.items():
+        g = pd.concat(dfs)[["epoch", column]].dropna().groupby("epoch")[column]
+        mean, std = scale * g.mean(), scale * g.std().fillna(0.0)
+        ax.plot(mean.index, mean.values, marker="o" if len(mean) < 20 else None, label=f"{method} (n={len(dfs)})")
+        if len(dfs) > 1:
+            ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return _fig_png(fig)
+
+
+def _knn_histories(histories: dict[str, list[pd.DataFrame]]) -> dict[str, list[pd.DataFrame]]:
+    """Per method, the seeds whose history has kNN-monitor values (methods with none left out)."""
+    out = {m: [df for df in dfs if "knn_top1" in df and df["knn_top1"].notna().any()] for m, dfs in histories.items()}
+    return {m: dfs for m, dfs in out.items() if dfs}
+
+
+# ----------------------------------------------------------------------------- rendering helpers
+def _esc(v: Any) -> str:
+    return html.escape("—" if v is None else str(v))
+
+
+def _html_table(header: list[str], body: list[list[Any]], row_classes: list[str] | None = None) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    trs = []
+    for i, cells in enumerate(body):
+        cls = f' class="{_esc(row_classes[i])}"' if row_classes else ""
+        trs.append(f"<tr{cls}>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
+
+
+def _md_table(header: list[str], body: list[list[Any]]) -> str:
+    def cell(v: Any) -> str:  # pipes and newlines would break the Markdown table grid
+        return ("—" if v is None else str(v)).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
+    return "\n".join(lines)
+
+
+def _img(uri: str, caption: str) -> str:
+    return f'<figure><img src="{uri}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>'
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "—" if v is None else format(float(v), fmt)
+
+
+class _Doc:
+    """Builds the HTML and Markdown side by side so both always carry the same tables."""
+
+    def __init__(self) -> None:
+        self.html: list[str] = []
+        self.md: list[str] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.html.append(f"<h{level}>{_esc(text)}</h{level}>")
+        self.md.append("#" * level + " " + text)
+
+    def para(self, text: str, cls: str = "") -> None:
+        self.html.append(f'<p class="{cls}">{_esc(text)}</p>' if cls else f"<p>{_esc(text)}</p>")
+        self.md.append(f"**{text}**" if cls else text)
+
+    def table(self, header: list[str], body: list[list[Any]], row_classes: list[str] | None = None) -> None:
+        self.html.append(_html_table(header, body, row_classes))
+        self.md.append(_md_table(header, body))
+
+    def code(self, summary: str, text: str, lang: str) -> None:
+        self.html.append(f"<details><summary>{_esc(summary)}</summary><pre>{_esc(text)}</pre></details>")
+        self.md.append(f"{summary}:\n\n```{lang}\n{text.rstrip()}\n```")
+
+    def raw_html(self, fragment: str) -> None:  # figures: HTML only, the Markdown stays text
+        self.html.append(fragment)
+
+
+# ----------------------------------------------------------------------------- report sections
+def _method_section(doc: _Doc, root: Path, method: str, seeds: list[int], metrics: dict) -> None:
+    doc.heading(f"Method: {method}")
+    aug = root / "augment" / method
+    preview = _require(aug / "preview.png").read_bytes()
+    doc.raw_html(_img(_png_uri(preview), f"{method} augmentation preview"))
+    policy = _load_json(aug / "policy.json")
+    doc.code("Augmentation policy", json.dumps(policy, indent=2, sort_keys=True), "json")
+    if (aug / "benchmark.json").is_file():  # optional: only when the augment benchmark ran
+        ips = read_json(aug / "benchmark.json").get("images_per_s")
+        doc.para(f"Augmentation throughput: {_num(ips, '.1f')} images/s")
+    body, extras = [], []
+    for seed in seeds:
+        run = root / "pretrain" / method / f"seed{seed}"
+        s = _load_json(run / "summary.json")
+        m = metrics[(method, seed)]
+        body.append([seed, s.get("device"), s.get("precision"), s.get("epochs"), _num(s.get("final_loss"), ".4f"),
+                     _num(s.get("wall_time_s"), ".1f"), _num(s.get("images_per_s"), ".1f"),
+                     _num(100 * m["linear_top1"], ".1f")])
+        # Method-specific diagnostics (reconstructions, energy histograms...): embed whatever exists.
+        extras += [(p, seed) for p in sorted(run.glob("*.png")) if p.name not in STANDARD_PNGS]
+    doc.table(["seed", "device", "precision", "epochs", "final loss", "wall time (s)", "images/s",
+               "linear top-1 (%)"], body)
+    for path, seed in extras:  # "dae_energy_vs_corruption" -> "dae energy vs corruption (seed 0)"
+        doc.raw_html(_img(_png_uri(path.read_bytes()), f"{path.stem.replace('_', ' ')} (seed {seed})"))
+
+
+def _embeddings_section(doc: _Doc, root: Path, names: list[str], seed: int) -> None:
+    found = [(n, p) for n in names if (p := root / "linear_eval" / n / f"seed{seed}" / "embedding.png").is_file()]
+    if found:
+        doc.heading("Embeddings")
+        for name, path in found:
+            doc.raw_html(_img(_png_uri(path.read_bytes()), f"{name} embedding of test features (seed {seed})"))
+
+
+def _wall_time_section(doc: _Doc, jobs: list[tuple]) -> None:
+    stages: dict[str, list[float]] = {}
+    for stage, _, _, sec in jobs:
+        stages.setdefault(stage, []).append(sec)
+    doc.heading("Wall time per stage", 3)
+    doc.para(f"From Snakemake benchmarks: {len(jobs)} jobs, {sum(sec for *_, sec in jobs):.1f} s in all "
+             "(jobs may have run in parallel).")
+    doc.table(["stage", "jobs", "total (s)", "slowest job (s)"],
+              [[st, len(v), _num(sum(v), ".1f"), _num(max(v), ".1f")] for st, v in stages.items()])
+    doc.table(["stage", "name", "seed", "wall time (s)"], [[st, n, sd, _num(sec, ".1f")] for st, n, sd, sec in jobs])
+
+
+def _provenance_section(doc: _Doc, provenance: dict | None, jobs: list[tuple]) -> None:
+    doc.heading("Provenance")
+    if jobs:
+        _wall_time_section(doc, jobs)
+    if not provenance:
+        doc.para("No provenance recorded.")
+        return
+    scalars = {k: v for k, v in provenance.items() if not isinstance(v, dict)}
+    doc.table(["key", "value"], [[k, json.dumps(v) if isinstance(v, list) else v] for k, v in scalars.items()])
+    # Nested dicts (the resolved config, package versions) are long: collapsed YAML blocks.
+    for key, value in provenance.items():
+        if isinstance(value, dict):
+            doc.code(key, yaml.safe_dump(value, sort_keys=False, default_flow_style=False), "yaml")
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    # repr keeps full float precision; an absent metric (e.g. no top-5) is an empty cell.
+    writer.writerows({k: ("" if r[k] is None else r[k]) for k in columns} for r in rows)
+    _write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_report(results_dir: str | Path, dataset: str, methods: list[str], seeds: list[int],
+                 baselines: list[str], out_dir: str | Path, provenance: dict | None = None,
+                 benchmarks_dir: str | Path | None = None) -> dict:
+    """Write report.html, report.md and summary.csv into out_dir; return the ranked summary rows.
+
+    benchmarks_dir: Snakemake benchmark TSVs; default `benchmarks/{dataset}` beside `results/`.
+    """
+    root, out = Path(results_dir), Path(out_dir)
+    bdir = Path(benchmarks_dir) if benchmarks_dir else root.resolve().parents[1] / "benchmarks" / dataset
+    manifest = _load_json(root / "data" / "manifest.json")
+    kinds = {**{m: "ssl" for m in methods}, **{b: "baseline" for b in baselines}}
+    # Every input is read before the first write, so a missing file leaves no partial outputs.
+    metrics = {(n, s): _load_json(root / "linear_eval" / n / f"seed{s}" / "metrics.json")
+               for n in kinds for s in seeds}
+    histories = {m: [_load_history(root / "pretrain" / m / f"seed{s}" / "history.csv") for s in seeds]
+                 for m in methods}
+    jobs = _benchmarks(bdir, kinds, seeds)
+    keys = _metric_keys(list(metrics.values()))
+    rows = [_summarise(n, k, [metrics[(n, s)] for s in seeds], keys) for n, k in kinds.items()]
+    rows.sort(key=lambda r: (-r["linear_top1_mean"], r["name"]))  # name breaks ties deterministically
+    winners = _winners(rows)
+
+    doc = _Doc()
+    doc.heading(f"sslpipe report: {dataset}", 1)
+    doc.table(["dataset", "source", "classes", "image size", "train", "test"],
+              [[manifest.get("dataset", dataset), manifest.get("source"), manifest.get("num_classes"),
+                manifest.get("image_size"), (manifest.get("counts") or {}).get("train"),
+                (manifest.get("counts") or {}).get("test")]])
+
+    doc.heading("Summary")
+    doc.para(f"Accuracies in %, mean ± sample std over seeds (n = number of seeds behind each number; "
+             f"this config has {len(seeds)}), ranked by linear top-1.")
+    shown = [m for m in keys if any(r[f"{m}_mean"] is not None for r in rows)]  # drop all-null top-5
+    doc.table(["rank", "name", "kind"] + [_label(m) for m in shown],
+              [[i + 1, r["name"], r["kind"]] + [_fmt(r, m) for m in shown] for i, r in enumerate(rows)],
+              [r["kind"] for r in rows])
+    bars = [b for b in baselines if b not in REFERENCES]
+    if not bars:
+        doc.para("No baselines were evaluated." if not baselines else "Only reference baselines were evaluated.")
+    elif winners:
+        doc.para(f"Methods beating every baseline ({', '.join(bars)}) on linear top-1: {', '.join(winners)}.")
+    else:
+        doc.para(f"No method beats every baseline ({', '.join(bars)}) on linear top-1.")
+    for r in (r for r in rows if r["kind"] == "baseline" and r["name"] in REFERENCES):
+        doc.para(f"Reference: {r['name']} (trained with labels, an upper bound rather than a bar to "
+                 f"clear) reaches {_fmt(r, 'linear_top1')} linear top-1.")
+    changed = [f"{n}/seed{s}" for (n, s), m in metrics.items() if m.get("encoder_unchanged") is False]
+    if changed:  # a linear probe must not move the encoder; flag it loudly rather than hide it
+        doc.para(f"Warning: encoder changed during linear evaluation in: {', '.join(changed)}", "warn")
+    doc.raw_html(_img(_png_uri(_bar_chart(rows)), "Linear top-1 by method"))
+    if histories:
+        doc.raw_html(_img(_png_uri(_curve_chart(histories, "loss", "pretraining loss",
+                                                "Pretraining loss (mean over seeds)")), "Pretraining loss curves"))
+    knn = _knn_histories(histories)
+    if knn:
+        doc.raw_html(_img(_png_uri(_curve_chart(knn, "knn_top1", "kNN top-1 (%)", "kNN monitor during pretraining "
+                                                "(mean over seeds)", 100.0)), "kNN monitor curves"))
+    _embeddings_section(doc, root, [r["name"] for r in rows], seeds[0])
+
+    for method in methods:
+        _method_section(doc, root, method, seeds, metrics)
+
+    doc.heading("MLflow runs")
+    run_rows = []
+    for (name, seed), m in metrics.items():
+        pre = m.get("pretrain_run_id")
+        if kinds[name] == "ssl":
+            pre_summary = read_json(root / "pretrain" / name / f"seed{seed}" / "summary.json").get("run_id")
+            if pre and pre_summary and pre != pre_summary:  # eval of a stale pretrain run
+                pre = f"{pre} (≠ pretrain summary {pre_summary})"
+            pre = pre or pre_summary
+        run_rows.append([name, seed, kinds[name], m.get("feature_dim"), m.get("probe_weight_decay"), pre, m.get("run_id")])
+    doc.table(["name", "seed", "kind", "feature dim", "probe weight decay", "pretrain run id", "eval run id"], run_rows)
+    _provenance_section(doc, provenance, jobs)
+
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_esc(f'sslpipe report: {dataset}')}</title><style>{CSS}</style></head>"
+            f"<body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
+    _write_text(out / "report.html", page)
+    _write_text(out / "report.md", "\n\n".join(doc.md) + "\n")
+    columns = _csv_columns(keys)
+    _write_csv(out / "summary.csv", rows, columns)
+    return {"dataset": dataset, "rows": [{k: r[k] for k in columns} for r in rows],
+            "beat_all_baselines": winners, "outputs": {k: str(out / k) for k in ("report.html", "report.md", "summary.csv")}}

@@ -1,0 +1,157 @@
+"""The pipeline's stages as plain functions: what each Snakemake rule runs through the CLI.
+
+Each takes the resolved config (or the slice of it the rule passes), its input and output
+paths, and a tracking run (`tracking.StageRun`); each writes its outputs atomically.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sslpipe import data as data_mod
+from sslpipe import evaluate as ev
+from sslpipe import models
+from sslpipe.io import read_json, save_png, write_json
+
+
+def prepare(cfg: dict, out_dir: Path, run) -> dict:
+    t0 = time.perf_counter()
+    manifest = data_mod.prepare(cfg["data"], out_dir)
+    run.log({"n_train": manifest["counts"]["train"], "n_test": manifest["counts"]["test"],
+             "num_classes": manifest["num_classes"], "prepare_s": time.perf_counter() - t0})
+    run.artifact(out_dir / "manifest.json")
+    return manifest
+
+
+def preview_indices(y: np.ndarray, count: int) -> np.ndarray:
+    """One image per class in turn, so the preview shows the variety of the data."""
+    rank = np.zeros(len(y), dtype=np.int64)  # position of each image within its class
+    for c in np.unique(y):
+        rank[y == c] = np.arange((y == c).sum())
+    return np.lexsort((y, rank))[:count]
+
+
+def augment(cfg: dict, method: str, seed: int, data_dir: Path, out_dir: Path, run) -> dict:
+    """Resolve and validate the method's view policy, write a preview grid, measure throughput."""
+    from sslpipe import augment as aug
+    from sslpipe.methods import METHODS
+
+    manifest = data_mod.load_manifest(data_dir)
+    x, y = data_mod.load_split(data_dir, "train")
+    cls = METHODS[method]
+    policy = cls.policy(cfg[method], manifest["image_size"])
+    torch.manual_seed(seed)
+
+    # Validate on a real batch: every view has the input's shape and stays in [0, 1].
+    xb = torch.from_numpy(x[preview_indices(y, cfg["augment"]["preview_images"])]).permute(0, 3, 1, 2)
+    views = cls.preview(policy, aug.to_float(xb))
+    for i, v in enumerate(views):
+        if v.shape != xb.shape or not torch.isfinite(v).all() or v.min() < 0 or v.max() > 1:
+            raise ValueError(f"{method}: view {i} of the policy is malformed: shape {tuple(v.shape)}, "
+                             f"range [{v.min():.3f}, {v.max():.3f}]; expected {tuple(xb.shape)} in [0, 1]")
+    save_png(aug.preview_grid(aug.to_float(xb), views), out_dir / "preview.png", min_height=480)
+
+    # Throughput of the views the method trains on, on one batch of real images.
+    n = min(len(x), cfg["augment"]["benchmark_images"])
+    batch = torch.from_numpy(x[:n]).permute(0, 3, 1, 2).contiguous()
+    cls.preview(policy, aug.to_float(batch[:16]))  # warm-up
+    t0 = time.perf_counter()
+    cls.preview(policy, aug.to_float(batch))
+    dt = time.perf_counter() - t0
+    bench = {"images": n, "views_per_image": policy["n_views"], "seconds": dt, "images_per_s": n / dt,
+             "device": "cpu", "threads": torch.get_num_threads()}
+    write_json(out_dir / "benchmark.json", bench)
+    write_json(out_dir / "policy.json", policy)
+    run.log({"aug_images_per_s": bench["images_per_s"]})
+    for name in ("policy.json", "preview.png", "benchmark.json"):
+        run.artifact(out_dir / name)
+    return policy
+
+
+def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, out_dir: Path, run,
+             checkpoint: Path | None = None) -> dict:
+    from sslpipe import pretrain as pt  # kornia and the methods load only in the jobs that train
+
+    summary = pt.run(cfg, method, seed, data_dir, policy, out_dir, log=run.log, checkpoint=checkpoint)
+    summary["run_id"] = run.run_id
+    run.artifact(out_dir / "history.csv")
+    for png in sorted(out_dir.glob("*.png")):
+        run.artifact(png, "diagnostics")
+    pt.write_summary(out_dir, summary)
+    return summary
+
+
+def _eval_setup(cfg: dict, data_dir: Path):
+    manifest = data_mod.load_manifest(data_dir)
+    xtr, ytr = data_mod.load_split(data_dir, "train")
+    xte, yte = data_mod.load_split(data_dir, "test")
+    device = models.pick_device(cfg["device"])
+    return manifest, xtr, ytr, xte, yte, device, models.pick_dtype(cfg["precision"], device)
+
+
+def embedding_path(metrics_path: Path) -> Path:
+    """The PCA picture lives beside metrics.json (the rules declare both as outputs)."""
+    return Path(metrics_path).with_name("embedding.png")
+
+
+def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, manifest: dict,
+                 ytr, device, amp, run) -> tuple[torch.nn.Module, dict]:
+    """The encoder to evaluate: pretrained (encoder_path), supervised (trained here, with labels)
+    or random (seeded initialisation); plus any metrics its making produced."""
+    if encoder_path is not None:
+        return models.load_encoder(cfg["model"], manifest, encoder_path), {}
+    if name == "supervised":
+        from sslpipe import supervised
+
+        return supervised.train(cfg, manifest, data_dir, ytr, seed, device, amp, log=run.log)
+    if name == "random":
+        torch.manual_seed(seed)
+        return models.build_encoder(cfg["model"], manifest), {}
+    raise ValueError(f"unknown baseline '{name}': use pixels, random or supervised (evaluate.baselines)")
+
+
+def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run) -> dict:
+    """Evaluate a pretrained encoder (`encoder_path`) or a baseline (`name` pixels / random /
+    supervised): metrics.json at `out`, the test features' PCA picture beside it."""
+    manifest, xtr, ytr, xte, yte, device, amp = _eval_setup(cfg, data_dir)
+    t0 = time.perf_counter()
+    picture = {"embedding": embedding_path(out), "title": f"{name} seed {seed}: test features, PCA",
+               "class_names": manifest.get("classes")}
+    if name == "pixels":
+        metrics = ev.evaluate_features(ev.pixel_features(xtr), ytr, ev.pixel_features(xte), yte,
+                                       manifest["num_classes"], cfg["evaluate"], seed, **picture)
+        metrics["encoder_unchanged"] = True  # no encoder to change
+    else:
+        encoder, made = _encoder_for(cfg, name, seed, data_dir, encoder_path, manifest, ytr, device, amp, run)
+        metrics = ev.evaluate_encoder(encoder, xtr, ytr, xte, yte, manifest["num_classes"], cfg["evaluate"],
+                                      seed, device, amp, **picture)
+        metrics.update(made)
+    metrics.update({"name": name, "kind": "ssl" if encoder_path is not None else "baseline", "seed": seed,
+                    "dataset": manifest["dataset"], "eval_s": time.perf_counter() - t0, "run_id": run.run_id})
+    if encoder_path is not None:
+        metrics["pretrain_run_id"] = read_json(Path(encoder_path).parent / "summary.json").get("run_id")
+    run.log({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and k not in ("seed",)})
+    write_json(out, metrics)
+    run.artifact(out)
+    run.artifact(picture["embedding"])
+    return metrics
+
+
+def report(cfg: dict, results_dir: Path, out_dir: Path, run) -> dict:
+    from sslpipe import config as config_mod
+    from sslpipe import provenance
+    from sslpipe import report as report_mod
+    from sslpipe import tracking
+
+    prov = {"config_hash": config_mod.config_hash(cfg), **provenance.describe(),
+            "tracking_uri": tracking.tracking_uri(tracking.settings()) if cfg["tracking"]["enabled"] else "off",
+            "experiment": cfg["name"], "report_run_id": run.run_id, "config": cfg}
+    result = report_mod.build_report(results_dir, data_mod.dataset_name(cfg["data"]), cfg["methods"], cfg["seeds"],
+                                     cfg["evaluate"]["baselines"], out_dir, provenance=prov)
+    for name in ("report.html", "report.md", "summary.csv"):
+        run.artifact(out_dir / name)
+    return result

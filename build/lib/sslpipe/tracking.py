@@ -1,0 +1,291 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Layout in MLflow: one experiment per config `name`; one parent run per pipeline (per resolved
+config, found again by its config hash); one child run per Snakemake job (stage x method x
+seed), tagged `sslpipe.stage`, `sslpipe.method`, `sslpipe.dataset`, `sslpipe.seed`,
+`sslpipe.config_hash`, `sslpipe.git_commit`.
+
+The pipeline's tracking settings reach jobs through the environment variable
+`SSLPIPE_TRACKING` (JSON, set by the Snakefile), not through rule params, so that pointing
+tracking elsewhere never re-runs the pipeline. Without it (a stage run by hand), tracking uses
+the defaults: experiment "default", SQLite store `mlflow.db` in the working directory.
+
+SQLite pitfalls: several processes creating a fresh store at once corrupt it, so the pipeline
+calls `init_pipeline` once before any job (Snakefile `onstart`); runs are always created with
+an explicit experiment id. MLflow already sets `PRAGMA busy_timeout = 20000` on every SQLite
+session (a `?timeout=` in the URI would be overridden by it), so a writer waits up to 20 s for
+a lock (6 processes writing at once lose nothing and see no lock error: tests/test_tracking.py).
+A lock that SQLite refuses at once (a read transaction upgrading to a write while another
+process writes) can still surface as "database is locked"; every call retries that with
+jittered back-off (`_retry`).
+
+HTTP tracking servers: MLflow's own defaults (7 retries with exponential back-off, 120 s
+timeout) make an unreachable server cost minutes per call, which defeats `on_error: continue`.
+For http(s) URIs the client gets small defaults (`HTTP_DEFAULTS`) unless the user set them.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ENV = "SSLPIPE_TRACKING"
+DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "default",
+            "config_hash": None, "dataset": None}
+
+LogFn = Callable[[dict[str, float], int | None], None]
+# Fail within seconds on a dead server; still ride out a short blip. The timeout is per socket
+# operation (connect, or a pause in a transfer), not per upload, so large artifacts still fit.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def settings() -> dict:
+    """Tracking settings for this process: the pipeline's (from the environment) or defaults."""
+    return {**DEFAULTS, **json.loads(os.environ.get(ENV, "{}"))}
+
+
+def settings_from_config(cfg: dict, config_hash: str) -> dict:
+    t = cfg["tracking"]
+    return {"enabled": t["enabled"], "uri": t["uri"], "on_error": t["on_error"], "experiment": cfg["name"],
+            "config_hash": config_hash, "dataset": cfg["data"]["name"] or cfg["data"]["source"]}
+
+
+def tracking_uri(s: dict) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or s["uri"] or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
+    """Call fn, retrying with jittered exponential back-off when SQLite reports a lock."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # mlflow wraps sqlalchemy's OperationalError in its own types
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            time.sleep(0.05 * 2 ** i * (1 + random.random()))
+
+
+def _client(s: dict, uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    uri = uri or tracking_uri(s)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():  # MLflow reads these at each request
+            os.environ.setdefault(key, value)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client, s: dict, create: bool) -> str:
+    exp = _retry(lambda: client.get_experiment_by_name(s["experiment"]))
+    if exp is not None:
+        return exp.experiment_id
+    if not create:
+        raise RuntimeError(f"MLflow experiment '{s['experiment']}' does not exist at {tracking_uri(s)}")
+    location = None
+    uri = tracking_uri(s)
+    if uri.startswith("sqlite:///"):  # artifacts beside the SQLite file, not in the job's cwd
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return _retry(lambda: client.create_experiment(s["experiment"], artifact_location=location))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, bool)) or v is None else str(v)
+    return out
+
+
+def _find_parent(client, exp_id: str, config_hash: str | None) -> str | None:
+    if not config_hash:
+        return None
+    runs = _retry(lambda: client.search_runs(
+        [exp_id], filter_string=f"tags.`sslpipe.pipeline` = 'true' and tags.`sslpipe.config_hash` = '{config_hash}'",
+        max_results=1, order_by=["attributes.start_time DESC"]))
+    return runs[0].info.run_id if runs else None
+
+
+def _log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k[:250], v[:6000]) for k, v in _flatten(params).items()]
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        _retry(lambda chunk=items[i:i + 100]: client.log_batch(run_id, params=chunk))
+
+
+def init_pipeline(cfg: dict, config_hash: str, provenance: dict) -> dict:
+    """Create the store, the experiment and the pipeline's parent run (idempotent).
+
+    Returns {"tracking_uri", "experiment_id", "parent_run_id"} ({} when tracking is off).
+    """
+    s = settings_from_config(cfg, config_hash)
+    if not s["enabled"]:
+        return {}
+    client = _client(s)
+    exp_id = _experiment_id(client, s, create=True)
+    parent = _find_parent(client, exp_id, config_hash)
+    if parent is None:
+        tags = {"sslpipe.pipeline": "true", "sslpipe.config_hash": config_hash, "sslpipe.dataset": s["dataset"],
+                "sslpipe.git_commit": provenance.get("git_commit", "unknown")}
+        run = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=f"pipeline-{config_hash}"))
+        parent = run.info.run_id
+        _log_params(client, parent, cfg)
+        _retry(lambda: client.log_dict(parent, cfg, "config.resolved.json"))
+        _retry(lambda: client.log_dict(parent, provenance, "provenance.json"))
+    return {"tracking_uri": tracking_uri(s), "experiment_id": exp_id, "parent_run_id": parent}
+
+
+class StageRun:
+    """A child run for one job. `log` is the callable training code receives.
+
+    With `on_error: continue`, a tracking failure in the middle of a job is reported once on
+    stderr and tracking stops for the job; the job itself goes on and writes its outputs.
+    """
+
+    def __init__(self, client, run_id: str | None, on_error: str = "fail"):
+        self.client, self.run_id, self.on_error = client, run_id, on_error
+
+    def _call(self, fn: Callable[[], Any]) -> None:
+        if self.run_id is None:
+            return
+        try:
+            _retry(fn)
+        except Exception as exc:
+            if self.on_error != "continue":
+                raise
+            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job",
+                  file=sys.stderr)
+            self.run_id = None
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
+
+    def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
+        self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
+              params: dict | None = None, provenance: dict | None = None) -> Iterator[StageRun]:
+    """Open a child run for a job; mark it FINISHED or FAILED when the block ends.
+
+    With `tracking.enabled: false` yields a run that logs nothing. When the backend fails and
+    `tracking.on_error` is `continue`, says so on stderr and goes on without tracking.
+    """
+    s = settings()
+    run = StageRun(None, None)
+    if s["enabled"]:
+        try:
+            client = _client(s)
+            exp_id = _experiment_id(client, s, create=True)
+            tags = {"sslpipe.stage": stage, "sslpipe.method": method or "", "sslpipe.seed": "" if seed is None else str(seed),
+                    "sslpipe.dataset": s["dataset"] or "", "sslpipe.config_hash": s["config_hash"] or "",
+                    **{f"sslpipe.{k}": str(v) for k, v in (provenance or {}).items()}}
+            parent = _find_parent(client, exp_id, s["config_hash"])
+            if parent:
+                tags["mlflow.parentRunId"] = parent
+            name = "-".join(str(p) for p in (stage, method, None if seed is None else f"seed{seed}") if p)
+            info = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name)).info
+            run = StageRun(client, info.run_id, s["on_error"])
+            if params:
+                _log_params(client, run.run_id, params)
+        except Exception as exc:
+            if s["on_error"] != "continue":
+                raise RuntimeError(f"MLflow tracking at {tracking_uri(s)} failed: {exc}. Fix the tracking URI, "
+                                   "or set tracking.on_error: continue (or tracking.enabled: false).") from exc
+            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job",
+                  file=sys.stderr)
+            run = StageRun(None, None)
+    try:
+        yield run
+    except BaseException:
+        run._call(lambda: run.client.set_terminated(run.run_id, "FAILED"))
+        raise
+    run._call(lambda: run.client.set_terminated(run.run_id, "FINISHED"))
+
+
+def finish_pipeline(cfg: dict, config_hash: str, status: str) -> None:
+    """Mark the pipeline's parent run FINISHED or FAILED (Snakefile onsuccess / onerror)."""
+    s = settings_from_config(cfg, config_hash)
+    if not s["enabled"]:
+        return
+    client = _client(s)
+    parent = _find_parent(client, _experiment_id(client, s, create=False), config_hash)
+    if parent:
+        _retry(lambda: client.set_terminated(parent, status))
+
+
+# ----------------------------------------------------------------------------- reading runs back
+def _quote(value: str) -> str:
+    """A string literal for an MLflow filter (no escape syntax exists: pick the other quote)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot filter on a value containing both quote characters: {value!r}")
+
+
+def _experiments(client, names: list[str] | None, uri: str) -> dict[str, str]:
+    """{experiment id: name} for the named experiments, or for every active one."""
+    if names:
+        found = {n: _retry(lambda n=n: client.get_experiment_by_name(n)) for n in names}
+        missing = [n for n, e in found.items() if e is None]
+        if missing:
+            raise ValueError(f"no MLflow experiment named {', '.join(map(repr, missing))} at {uri}; "
+                             "leave out --experiment to search all of them")
+        return {e.experiment_id: e.name for e in found.values()}
+    out, token = {}, None
+    while True:
+        page = _retry(lambda: client.search_experiments(max_results=1000, page_token=token))
+        out.update({e.experiment_id: e.name for e in page})
+        token = page.token
+        if not token:
+            return out
+
+
+def search_eval_runs(experiments: list[str] | None = None, filters: dict[str, str] | None = None,
+                     uri: str | None = None, stage: str = "linear_eval") -> list[dict]:
+    """Every FINISHED run of `stage` in the given experiments (default: all) whose tags equal
+    `filters` ({tag: value}), oldest first, as plain dicts: run_id, experiment, experiment_id,
+    start_time (ms), tags, metrics (each metric's last value).
+
+    `uri` defaults like the jobs' own: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd.
+    Failed or still running jobs are left out: their metrics are partial or absent.
+    """
+    uri = uri or tracking_uri(DEFAULTS)
+    if uri.startswith("sqlite:///"):  # MLflow would silently create an empty store instead
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        if not db.is_file():
+            raise FileNotFoundError(f"no MLflow store at {db}: run the pipeline there first, or pass "
+                                    "--tracking-uri (or set MLFLOW_TRACKING_URI)")
+    client = _client(DEFAULTS, uri)
+    names = _experiments(client, experiments, uri)
+    clauses = [f"tags.`sslpipe.stage` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
+    for key, value in (filters or {}).items():
+        if "`" in key:
+            raise ValueError(f"tag names cannot contain backticks: {key!r}")
+        clauses.append(f"tags.`{key}` = {_quote(str(value))}")
+    runs, token = [], None
+    while names:
+        page = _retry(lambda: client.search_runs(list(names), " and ".join(clauses), max_results=1000,
+                                                 order_by=["attributes.start_time ASC"], page_token=token))
+        runs += [{"run_id": r.info.run_id, "experiment": names[r.info.experiment_id],
+                  "experiment_id": r.info.experiment_id, "start_time": r.info.start_time,
+                  "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in page]
+        token = page.token
+        if not token:
+            break
+    return runs
