@@ -1,3 +1,0 @@
-from sslpipe.cli import main
-
-raise SystemExit(main())
