@@ -95,3 +95,31 @@ def test_preview_grid_shape():
     grid = aug.preview_grid(x, [x, x])
     # 4 rows x 3 columns of 16 px tiles with 2 px padding
     assert grid.shape == (3, 4 * 18 + 2, 3 * 18 + 2)
+
+
+@pytest.mark.parametrize("k, nrow", [(6, 3), (7, 3), (2, 4)])
+def test_make_grid_matches_torchvision_layout(k, nrow):
+    """sslpipe.io.make_grid replaces torchvision.utils.make_grid (whose import costs a job ~1.5 s):
+    same tiles, same padding, same places, also with a last row left incomplete or fewer tiles
+    than a row. (One tile alone: torchvision returns it unframed, sslpipe frames it like any.)"""
+    import torchvision.utils
+
+    from sslpipe.io import make_grid
+
+    tiles = torch.rand(k, 3, 5, 4)
+    expected = torchvision.utils.make_grid(tiles, nrow=nrow, padding=2, pad_value=1.0)
+    assert torch.equal(make_grid(tiles, nrow=nrow), expected)
+
+
+def test_save_png_writes_an_enlarged_exact_picture(tmp_path):
+    from PIL import Image
+
+    from sslpipe.io import save_png
+
+    img = torch.rand(3, 4, 5)
+    save_png(img, tmp_path / "x.png", min_height=10)  # 4 px tall -> x3 (nearest) to reach 10
+    arr = np.asarray(Image.open(tmp_path / "x.png"))
+    assert arr.shape == (12, 15, 3)
+    want = (img * 255).round().byte().permute(1, 2, 0).numpy()
+    assert np.array_equal(arr[::3, ::3], want)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # no temporary file left behind

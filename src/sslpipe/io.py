@@ -52,8 +52,10 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def make_grid(tiles, nrow: int, padding: int = 2, pad_value: float = 1.0):
     """tiles: K x C x h x w tensor -> C x H' x W', `nrow` tiles per row, each framed by
-    `padding` pixels of `pad_value` (torchvision.utils.make_grid's layout)."""
+    `padding` pixels of `pad_value` (torchvision.utils.make_grid's layout; a single tile is
+    framed too, where torchvision returns it bare)."""
     k, c, h, w = tiles.shape
+    nrow = min(nrow, k)  # fewer tiles than a row: a narrower grid, as torchvision's
     rows = -(-k // nrow)
     grid = tiles.new_full((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
     for i in range(k):  # one copy per tile of a small picture: not a hot path

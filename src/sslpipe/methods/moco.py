@@ -155,7 +155,7 @@ class MoCo(nn.Module):
             else:
                 k_all = shuffled_forward_ddp(self._key, v_k, groups)  # k_all: W*N x C, every rank's
             k_all = F.normalize(k_all.float(), dim=1)
-            k = k_all[ddp.my_rows(len(k_all))] if world > 1 else k_all  # k: N x C, this rank's
+            k = k_all[ddp.my_rows(len(k_all))]  # k: N x C, this rank's rows (all of them when alone)
         logits = moco_logits(q, k, self.queue, self.temperature)  # logits: N x (1+K)
         loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
         self._new_keys = k_all  # all ranks' keys: the queue stays the same on every rank

@@ -69,7 +69,7 @@ class SimCLR(nn.Module):
         # Under DDP: all ranks' projections, rows in global batch order (z1_all: B x proj_dim);
         # with autograd, so the negatives' gradients reach the ranks that computed them.
         z1_all, z2_all = ddp.gather(z1), ddp.gather(z2)
-        offset = ddp.rank() * len(z1)
+        offset = ddp.my_rows(len(z1_all)).start  # this rank's first row in the global batch
         loss = nt_xent(z1, z2, self.temperature, z1_all, z2_all, offset)
         with torch.no_grad():  # how often the positive is the nearest view: a cheap health check
             sim = cosine_logits(z1, z2_all, 1.0)
