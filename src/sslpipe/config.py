@@ -88,13 +88,23 @@ def check(cfg: dict) -> None:
             raise ConfigError(f"config key 'pirl.grid' = {grid} cuts {size}px images into {size // grid}px patches, "
                               f"smaller than backbone '{backbone}' accepts ({MIN_IMAGE_SIZE[backbone]}px): "
                               "lower pirl.grid or raise data.image_size.")
-    b, procs = cfg["pretrain"]["batch_size"], cfg["pretrain"].get("processes", 1)
-    if b % procs:
-        raise ConfigError(f"config key 'pretrain.batch_size' = {b} is not divisible by pretrain.processes = {procs}: "
-                          "each process takes an equal share of every batch.")
-    if "cd" in cfg["methods"] and cfg["cd"]["mode"] == "pcd" and cfg["cd"]["buffer_size"] < cfg["pretrain"]["batch_size"]:
+    procs = cfg["pretrain"]["processes"]
+    for method in cfg["methods"]:
+        b = train_settings(cfg, method)["batch_size"]
+        key = f"{method}.pretrain.batch_size" if "batch_size" in cfg[method]["pretrain"] else "pretrain.batch_size"
+        if b % procs:
+            raise ConfigError(f"config key '{key}' = {b} is not divisible by pretrain.processes = {procs}: "
+                              "each process takes an equal share of every batch.")
+    if "cd" in cfg["methods"] and cfg["cd"]["mode"] == "pcd" and cfg["cd"]["buffer_size"] < train_settings(cfg, "cd")["batch_size"]:
         raise ConfigError(f"config key 'cd.buffer_size' = {cfg['cd']['buffer_size']} is smaller than "
-                          f"pretrain.batch_size = {cfg['pretrain']['batch_size']}: the replay buffer must hold a batch.")
+                          f"the batch size {train_settings(cfg, 'cd')['batch_size']}: the replay buffer must hold a batch.")
+
+
+def train_settings(cfg: dict, method: str) -> dict:
+    """The `pretrain` section as `method` trains with it: the shared values, overridden by the
+    method's own `{method}.pretrain` keys (its published recipe: optimiser, lr, epochs, ...)."""
+    own = cfg.get(method, {}).get("pretrain", {}) if isinstance(cfg.get(method), dict) else {}
+    return {**cfg["pretrain"], **own}
 
 
 def config_hash(cfg: Any) -> str:

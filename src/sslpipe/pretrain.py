@@ -41,6 +41,7 @@ import torch
 
 from sslpipe import data as data_mod
 from sslpipe import distributed as ddp
+from sslpipe.config import train_settings
 from sslpipe.checkpoint import Checkpoint, Preempted, Progress, StopSignals, fingerprint
 from sslpipe.io import atomic_path, read_json, write_json, write_text
 from sslpipe.methods import METHODS
@@ -117,7 +118,7 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     SIGTERM/SIGUSR1 (then raises `Preempted`), and deletes it once the outputs are written.
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    tcfg = cfg["pretrain"]
+    tcfg = train_settings(cfg, method_name)  # the shared pretrain section + the method's own keys
     seed_everything(seed)
     world, main = ddp.world(), ddp.is_main()
     if not main:  # rank 0 speaks for all
