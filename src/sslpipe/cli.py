@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--encoder", type=Path, help="encoder.pt; omit for the baselines 'pixels' and 'random'")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--predictions", type=Path, default=None,
+                   help="predictions.npz: per test image, 1 if right, for each metric (paired intervals)")
 
     p = sub.add_parser("report", help="the HTML/Markdown report comparing methods")
     _common(p)
@@ -139,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
             stages.pretrain(cfg, method, seed, args.data_dir, args.policy, args.out_dir, run,
                             checkpoint=args.checkpoint)
         elif stage == "linear_eval":
-            stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run)
+            stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run,
+                               predictions=args.predictions)
         elif stage == "report":
             stages.report(cfg, args.results_dir, args.out_dir, run)
     return 0

@@ -164,20 +164,24 @@ def _fit_and_predict(f: Tensor, y: np.ndarray, fte: Tensor, num_classes: int, wd
 
 
 def linear_probe(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray, num_classes: int,
-                 weight_decays: list[float], val_fraction: float, steps: int, seed: int) -> dict:
+                 weight_decays: list[float], val_fraction: float, steps: int, seed: int,
+                 correct: dict | None = None) -> dict:
     """Choose weight decay on a validation split of train, refit on all of train, score test once.
     Top-5 is reported only with more than 5 classes (with 5 or fewer it is trivially 1)."""
     ftr, fte = standardise(ftr, fte)
     best, val_top1 = choose_weight_decay(ftr, ytr, num_classes, weight_decays, val_fraction, steps, seed)
     logits = _fit_and_predict(ftr, ytr, fte, num_classes, best, steps, seed)
     yte_t = torch.from_numpy(yte).long()  # the only place test labels are read
+    if correct is not None:
+        correct["linear_top1"] = (logits.argmax(1) == yte_t).numpy()
     return {"linear_top1": topk_accuracy(logits, yte_t, 1),
             "linear_top5": topk_accuracy(logits, yte_t, 5) if num_classes > 5 else None,
             "probe_weight_decay": best, "probe_val_top1": val_top1}
 
 
 def label_efficient_probe(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray, num_classes: int,
-                          fraction: float, ecfg: dict, seed: int, full_data_wd: float) -> dict:
+                          fraction: float, ecfg: dict, seed: int, full_data_wd: float,
+                          correct: dict | None = None) -> dict:
     """The linear probe trained on `label_subset(ytr, fraction, seed)` only; keys are suffixed
     with the fraction's tag (`linear_top1_1pct`, ...). Standardisation uses every training
     feature: those images are unlabelled, not unseen, in the semi-supervised setting."""
@@ -192,6 +196,8 @@ def label_efficient_probe(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.nda
     else:  # one example of some class: a validation split would leave it out of training
         wd, source = full_data_wd, "full"
     logits = _fit_and_predict(f, y, fte, num_classes, wd, ecfg["probe_steps"], seed)
+    if correct is not None:
+        correct[f"linear_top1_{tag}"] = (logits.argmax(1) == torch.from_numpy(yte).long()).numpy()
     return {f"linear_top1_{tag}": topk_accuracy(logits, torch.from_numpy(yte).long(), 1),
             f"n_labels_{tag}": int(len(idx)), f"probe_weight_decay_{tag}": wd, f"probe_wd_source_{tag}": source}
 
@@ -311,19 +317,24 @@ def write_embedding(path: str | Path, f: Tensor, y: np.ndarray, title: str,
 
 def evaluate_features(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray, num_classes: int,
                       ecfg: dict, seed: int, embedding: str | Path | None = None, title: str = "",
-                      class_names: list[str] | None = None) -> dict:
+                      class_names: list[str] | None = None, correct: dict | None = None) -> dict:
     """Every probe on one set of features: linear (all labels, then each label fraction), kNN,
-    and, when `embedding` is a path, the PCA picture of the test features."""
+    and, when `embedding` is a path, the PCA picture of the test features. With `correct` (a
+    dict), fills it with each top-1 metric's per-test-image hits (bool, test order), which the
+    report's paired confidence intervals resample."""
     t0 = time.perf_counter()
     out = linear_probe(ftr, ytr, fte, yte, num_classes, ecfg["weight_decays"], ecfg["val_fraction"],
-                       ecfg["probe_steps"], seed)
+                       ecfg["probe_steps"], seed, correct)
     fraction_tags(ecfg["label_fractions"])  # clashing metric names fail before any subset probe runs
     for fraction in ecfg["label_fractions"]:
         out.update(label_efficient_probe(ftr, ytr, fte, yte, num_classes, fraction, ecfg, seed,
-                                         out["probe_weight_decay"]))
+                                         out["probe_weight_decay"], correct))
     out["probe_s"] = time.perf_counter() - t0
     pred = knn_predict(ftr, torch.from_numpy(ytr).long(), fte, num_classes, ecfg["knn_k"], ecfg["knn_temperature"])
-    out["knn_top1"] = (pred == torch.from_numpy(yte).long()).float().mean().item()
+    hits = pred == torch.from_numpy(yte).long()
+    out["knn_top1"] = hits.float().mean().item()
+    if correct is not None:
+        correct["knn_top1"] = hits.numpy()
     out["feature_dim"] = int(ftr.shape[1])
     if embedding is not None:
         explained = write_embedding(embedding, fte, yte, title, class_names)
@@ -334,7 +345,7 @@ def evaluate_features(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray
 def evaluate_encoder(encoder: torch.nn.Module, xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray,
                      yte: np.ndarray, num_classes: int, ecfg: dict, seed: int, device: torch.device,
                      amp_dtype: torch.dtype | None, embedding: str | Path | None = None, title: str = "",
-                     class_names: list[str] | None = None) -> dict:
+                     class_names: list[str] | None = None, correct: dict | None = None) -> dict:
     """Extract features once, probe them, and check the encoder is unchanged afterwards."""
     before = state_fingerprint(encoder)
     for p in encoder.parameters():
@@ -343,7 +354,7 @@ def evaluate_encoder(encoder: torch.nn.Module, xtr: np.ndarray, ytr: np.ndarray,
     ftr = extract_features(encoder, xtr, device, amp_dtype)
     fte = extract_features(encoder, xte, device, amp_dtype)
     extract_s = time.perf_counter() - t0
-    out = evaluate_features(ftr, ytr, fte, yte, num_classes, ecfg, seed, embedding, title, class_names)
+    out = evaluate_features(ftr, ytr, fte, yte, num_classes, ecfg, seed, embedding, title, class_names, correct)
     out["extract_s"] = extract_s
     out["encoder_unchanged"] = state_fingerprint(encoder) == before
     if not out["encoder_unchanged"]:

@@ -14,7 +14,7 @@ import torch
 from sslpipe import data as data_mod
 from sslpipe import evaluate as ev
 from sslpipe import models
-from sslpipe.io import read_json, save_png, write_json
+from sslpipe.io import read_json, save_png, write_json, write_npz
 
 
 def prepare(cfg: dict, out_dir: Path, run) -> dict:
@@ -113,13 +113,16 @@ def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: 
     raise ValueError(f"unknown baseline '{name}': use pixels, random or supervised (evaluate.baselines)")
 
 
-def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run) -> dict:
+def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run,
+                predictions: Path | None = None) -> dict:
     """Evaluate a pretrained encoder (`encoder_path`) or a baseline (`name` pixels / random /
-    supervised): metrics.json at `out`, the test features' PCA picture beside it."""
+    supervised): metrics.json at `out`, the test features' PCA picture beside it, and with
+    `predictions` an npz of per-test-image hits (uint8, test order) for each top-1 metric."""
     manifest, xtr, ytr, xte, yte, device, amp = _eval_setup(cfg, data_dir)
     t0 = time.perf_counter()
+    correct: dict = {}
     picture = {"embedding": embedding_path(out), "title": f"{name} seed {seed}: test features, PCA",
-               "class_names": manifest.get("classes")}
+               "class_names": manifest.get("classes"), "correct": correct}
     if name == "pixels":
         metrics = ev.evaluate_features(ev.pixel_features(xtr), ytr, ev.pixel_features(xte), yte,
                                        manifest["num_classes"], cfg["evaluate"], seed, **picture)
@@ -139,6 +142,8 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
         metrics["pretrain_run_id"] = read_json(Path(encoder_path).parent / "summary.json").get("run_id")
     run.log({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and k not in ("seed",)})
+    if predictions is not None:
+        write_npz(predictions, {k: v.astype(np.uint8) for k, v in correct.items()})
     write_json(out, metrics)
     run.artifact(out)
     run.artifact(picture["embedding"])

@@ -101,6 +101,7 @@ def report_inputs(wildcards):
     d = wildcards.dataset
     return {
         "metrics": eval_outputs(d),
+        "predictions": [p.replace("metrics.json", "predictions.npz") for p in eval_outputs(d)],
         "previews": expand("results/{d}/augment/{m}/preview.png", d=d, m=METHODS),
         "histories": expand("results/{d}/pretrain/{m}/seed{s}/history.csv", d=d, m=METHODS, s=SEEDS),
         "manifest": f"results/{d}/data/manifest.json",

@@ -13,6 +13,8 @@ rule linear_eval:
         # The stage writes embedding.png beside metrics.json (stages.embedding_path).
         metrics="results/{dataset}/linear_eval/{method}/seed{seed}/metrics.json",
         embedding="results/{dataset}/linear_eval/{method}/seed{seed}/embedding.png",
+        # Per test image: right or wrong, per metric (the report's paired intervals need them).
+        predictions="results/{dataset}/linear_eval/{method}/seed{seed}/predictions.npz",
     params:
         cfg=eval_config,
         data_dir=lambda w, input: os.path.dirname(input.manifest),
@@ -24,7 +26,7 @@ rule linear_eval:
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.method} "
         "--seed {wildcards.seed} --data-dir {params.data_dir:q} --encoder {input.encoder:q} "
-        "--out {output.metrics:q} > {log:q} 2>&1"
+        "--out {output.metrics:q} --predictions {output.predictions:q} > {log:q} 2>&1"
 
 
 # Baselines on the same protocol, so the report shows whether pretraining helped: a linear
@@ -36,6 +38,7 @@ rule baseline:
     output:
         metrics="results/{dataset}/linear_eval/{baseline}/seed{seed}/metrics.json",
         embedding="results/{dataset}/linear_eval/{baseline}/seed{seed}/embedding.png",
+        predictions="results/{dataset}/linear_eval/{baseline}/seed{seed}/predictions.npz",
     params:
         cfg=eval_config,
         data_dir=lambda w, input: os.path.dirname(input.manifest),
@@ -46,4 +49,5 @@ rule baseline:
     threads: 1
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.baseline} "
-        "--seed {wildcards.seed} --data-dir {params.data_dir:q} --out {output.metrics:q} > {log:q} 2>&1"
+        "--seed {wildcards.seed} --data-dir {params.data_dir:q} --out {output.metrics:q} "
+        "--predictions {output.predictions:q} > {log:q} 2>&1"
