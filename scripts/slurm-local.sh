@@ -110,12 +110,21 @@ ReturnToService=2
 # No slurmdbd: squeue is the status command. Finished jobs stay visible to it this long.
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
 MinJobAge=300
+# Every finished job's final state and TRES, one line each, kept however long squeue keeps it:
+# what tests/test_slurm.py reads (squeue forgets jobs after MinJobAge).
+JobCompType=jobcomp/filetxt
+JobCompLoc=$STATE/jobcomp.log
+# Without slurmdbd the job-completion record holds no GRES; the prolog records, per job, the
+# GPUs SLURM allocated (SLURM_JOB_GPUS), so a test can check a GPU request reached the node.
+Prolog=$STATE/prolog.sh
+PrologFlags=Alloc
 GresTypes=gpu
 $(node_line)
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    printf '#!/bin/sh\necho "JobId=$SLURM_JOB_ID JobGpus=${SLURM_JOB_GPUS:-}" >> %s/prolog.log\n' "$STATE" >"$STATE/prolog.sh"
+    chmod 755 "$STATE/prolog.sh"
     # One fake GPU so --gpus=1 jobs schedule on a CPU-only node. slurmd counts GPUs by their
     # device files (a count-only gpu reads as 0 and the node is marked invalid); /dev/null
     # always exists, and without task/cgroup nothing is bound to it.
