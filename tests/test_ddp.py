@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -158,6 +159,129 @@ def test_batch_size_must_divide_among_processes():
     with pytest.raises(ConfigError, match=r"pretrain\.batch_size.*pretrain\.processes = 3"):
         resolve({"pretrain": {"batch_size": 64, "processes": 3}})
     assert resolve({"pretrain": {"batch_size": 64, "processes": 4}})["pretrain"]["processes"] == 4
+
+
+# ---- the real loop: its permutation, per-rank augmentation streams, resume -----------------------
+
+LOOP = {
+    "seeds": [0], "methods": ["simclr"], "device": "cpu", "precision": "fp32",
+    "data": {"source": "digits", "image_size": 16, "max_train": 96, "max_test": 30},
+    "model": {"width": 8},
+    "pretrain": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0, "log_every": 1},  # 3 steps an epoch
+    "tracking": {"enabled": False},
+}
+
+
+def train_recorded(root: Path, out: Path, stops: tuple[int, ...] = (), checkpoint: Path | None = None) -> list:
+    """pt.run on the real loop; returns, per loss call of this process, the batch's row indices
+    and the torch RNG state before the views are drawn. SIGUSR1 is sent at the calls in `stops`."""
+    base, seen = METHODS["simclr"], []
+
+    class Recording(base):
+        calls = 0
+
+        def loss(self, x, idx):
+            type(self).calls += 1
+            seen.append((idx.tolist(), torch.get_rng_state()))
+            if type(self).calls in stops:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return super().loss(x, idx)
+
+    METHODS["simclr"] = Recording
+    try:
+        pt.run(resolve(LOOP), "simclr", 0, root / "data", root / "policy.json", out, echo=lambda s: None,
+               checkpoint=checkpoint)
+    finally:
+        METHODS["simclr"] = base
+    return seen
+
+
+def _loop_worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ddp.init("cpu")
+    root_p, ckpt = Path(root), Path(root) / "ck" / "checkpoint.pt"
+    seen = train_recorded(root_p, root_p / "clean")
+    # Rank 0 alone gets the signal during its 2nd step (epoch 1); both ranks stop after that step.
+    try:
+        train_recorded(root_p, root_p / "resumed", stops=(2,) if rank == 0 else (), checkpoint=ckpt)
+        stopped = False
+    except pt.Preempted:
+        stopped = ckpt.is_file()
+    rest = train_recorded(root_p, root_p / "resumed", checkpoint=ckpt)
+    torch.save({"idx": [i for i, _ in seen], "rng": seen[0][1], "stopped": stopped, "rest": len(rest)},
+               root_p / f"loop_rank{rank}.pt")
+    ddp.teardown()
+
+
+@pytest.fixture(scope="module")
+def loop_runs(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ddp_loop")
+    cfg = resolve(LOOP)
+    data.prepare(cfg["data"], root / "data")
+    (root / "policy.json").write_text(json.dumps(METHODS["simclr"].policy(cfg["simclr"], 16)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train_recorded(root, root / "single")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_loop_worker, args=(free_port(), str(root)), nprocs=2, join=True)
+    ranks = [torch.load(root / f"loop_rank{r}.pt", weights_only=True) for r in range(2)]
+    return {"root": root, "single": single, "ranks": ranks}
+
+
+@pytest.mark.slow
+def test_ranks_train_on_disjoint_halves_of_the_single_process_batch(loop_runs):
+    """Through pt.run: every rank uses the same epoch permutation (rank 0's, broadcast; in
+    epoch 1 the single process's), and rank r takes its half of each global batch."""
+    single = [idx for idx, _ in loop_runs["single"]]
+    r0, r1 = (r["idx"] for r in loop_runs["ranks"])
+    assert len(single) == len(r0) == len(r1) == 2 * 3
+    for step, (a, b) in enumerate(zip(r0, r1)):
+        assert len(a) == len(b) == 16 and not set(a) & set(b), step
+    # Epoch 1: together, in rank order, the single process's batches. (Later permutations come
+    # after each process's own augmentation draws, which differ from the single process's.)
+    assert [a + b for a, b in zip(r0[:3], r1[:3])] == single[:3]
+    for epoch in range(2):  # an epoch's 3 batches are 96 distinct rows: a permutation
+        rows = [i for step in range(3 * epoch, 3 * epoch + 3) for i in r0[step] + r1[step]]
+        assert sorted(rows) == list(range(96))
+
+
+@pytest.mark.slow
+def test_ranks_draw_independent_augmentation_streams(loop_runs):
+    """Rank 0 keeps the single process's augmentation stream; rank 1 draws its own."""
+    rng0, rng1 = (r["rng"] for r in loop_runs["ranks"])
+    assert torch.equal(rng0, loop_runs["single"][0][1])
+    assert not torch.equal(rng0, rng1)
+
+
+@pytest.mark.slow
+def test_ddp_resume_after_a_signal_on_one_rank_equals_an_uninterrupted_run(loop_runs):
+    root, ranks = loop_runs["root"], loop_runs["ranks"]
+    assert all(r["stopped"] for r in ranks)      # both ranks stopped (one had the signal) and a checkpoint exists
+    assert all(r["rest"] == 6 - 2 for r in ranks)  # the rerun trained only the steps left
+    a = torch.load(root / "resumed" / "encoder.pt", weights_only=True)
+    b = torch.load(root / "clean" / "encoder.pt", weights_only=True)
+    assert [k for k in b if not torch.equal(a[k], b[k])] == []
+    assert not (root / "ck" / "checkpoint.pt").exists()
+    resumed, clean = ddp_history(root / "resumed"), ddp_history(root / "clean")
+    assert len(resumed) == len(clean) == 2 and resumed[1] == clean[1]
+
+
+def ddp_history(p: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("images_per_s", "wall_s")}
+            for row in csv.DictReader(open(p / "history.csv"))]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="src bug: the checkpoint holds rank 0's partial loss sums of the "
+                   "interrupted epoch and every rank loads them, so that epoch's logged loss (the mean over "
+                   "ranks) counts rank 0's first steps twice and rank 1's not at all")
+def test_ddp_resume_logs_the_interrupted_epochs_loss_of_an_uninterrupted_run(loop_runs):
+    root = loop_runs["root"]
+    assert ddp_history(root / "resumed") == ddp_history(root / "clean")
 
 
 # ---- the real CLI under torchrun -------------------------------------------------------------

@@ -190,3 +190,47 @@ def test_pca_finds_the_dominant_direction_and_the_picture_is_a_png(tmp_path, mon
     with Image.open(out) as img:
         assert img.size[0] > 200 and img.size[1] > 200
     assert [p.name for p in tmp_path.iterdir()] == ["embedding.png"]  # no temporary left behind
+
+
+def test_probe_is_refit_on_all_training_data_after_choosing_weight_decay():
+    """Features built so that the answer depends on the refit: the fit half of the validation
+    split carries the label in dimension 0 (and weakly against it in dimension 1), the held-out
+    half in dimension 1 only, and the test set in dimension 1 only. A probe refit on all of
+    train puts a positive weight on dimension 1 (test ~100 %); one fit on the fit half alone
+    puts a negative one there (test ~0 %)."""
+    g = torch.Generator().manual_seed(0)
+    n, frac = 400, 0.5
+    y = np.tile([0, 1], n // 2)
+    sign = torch.from_numpy(2.0 * y - 1)
+    fit, held = ev.stratified_split(y, frac, seed=0)
+    f = 0.05 * torch.randn(n, 2, generator=g)
+    f[fit, 0] += sign[fit]
+    f[fit, 1] -= 0.3 * sign[fit]
+    f[held, 1] += 2 * sign[held]
+    yte = np.tile([0, 1], 50)
+    fte = 0.05 * torch.randn(100, 2, generator=g)
+    fte[:, 1] += torch.from_numpy(2.0 * yte - 1)
+    out = ev.linear_probe(f, y, fte, yte, 2, [0.0, 0.01], frac, 100, seed=0)
+    assert out["linear_top1"] > 0.95, out
+
+
+def test_test_features_are_standardised_with_training_statistics_only():
+    """One feature; train: class 0 at -1, class 1 at +1; test: class 1 only, at +1 (+ noise).
+    With the training mean and std the test points stay on class 1's side; standardised with
+    their own statistics they would be centred on the boundary (about half wrong)."""
+    g = torch.Generator().manual_seed(0)
+    ytr = np.tile([0, 1], 100)
+    ftr = torch.from_numpy(2.0 * ytr - 1)[:, None] + 0.1 * torch.randn(200, 1, generator=g)
+    yte = np.ones(100, dtype=int)
+    fte = 1 + 0.1 * torch.randn(100, 1, generator=g)
+    out = ev.linear_probe(ftr.float(), ytr, fte.float(), yte, 2, [0.0], 0.2, 50, seed=0)
+    assert out["linear_top1"] == 1.0, out
+    # The function itself, against its definition.
+    a, b = ev.standardise(ftr, fte)
+    mean, std = ftr.mean(0), ftr.std(0)
+    torch.testing.assert_close(b, (fte - mean) / std)
+    torch.testing.assert_close(a, (ftr - mean) / std)
+    # The label-efficient probes use the same training statistics.
+    few = ev.label_efficient_probe(ftr.float(), ytr, fte.float(), yte, 2, 0.1, {
+        "weight_decays": [0.0], "val_fraction": 0.2, "probe_steps": 50}, 0, full_data_wd=0.0)
+    assert few["linear_top1_10pct"] == 1.0, few
