@@ -261,3 +261,43 @@ def test_unreachable_server_fails_fast(store, monkeypatch, capsys, http_env, on_
     assert time.monotonic() - t0 < 20
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+
+
+# ----------------------------------------------------------------------------- the lock retry
+def test_a_write_that_meets_a_held_sqlite_lock_is_retried_until_it_is_released(tmp_path):
+    """A real SQLite lock, held by another connection for 0.3 s: a write that does not wait
+    (timeout 0, as a lock that MLflow's busy timeout cannot wait out surfaces) fails at once
+    with "database is locked"; through `_retry` (its default attempts) it succeeds once the
+    lock is gone. Errors other than a lock are raised at once, without retrying."""
+    import sqlite3
+    import threading
+
+    db = tmp_path / "store.db"
+    with sqlite3.connect(db) as c:
+        c.execute("create table t (x integer)")
+    holder = sqlite3.connect(db, check_same_thread=False, isolation_level=None)
+    holder.execute("begin exclusive")
+    release = threading.Timer(0.3, lambda: holder.execute("commit"))
+    calls = []
+
+    def write():
+        calls.append(time.monotonic())
+        with sqlite3.connect(db, timeout=0) as c:
+            c.execute("insert into t values (1)")
+
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        write()  # no retry: the lock is reported
+    release.start()
+    try:
+        tracking._retry(write)
+    finally:
+        release.join()
+        holder.close()
+    assert len(calls) > 2 and calls[-1] - calls[0] >= 0.3  # it kept trying until the lock went
+    with sqlite3.connect(db) as c:
+        assert c.execute("select count(*) from t").fetchone() == (1,)
+
+    other = []
+    with pytest.raises(ValueError):
+        tracking._retry(lambda: other.append(1) or (_ for _ in ()).throw(ValueError("no such table")))
+    assert other == [1]
