@@ -71,7 +71,7 @@ def test_every_stage_writes_its_outputs(pipeline):
         assert (r / f"augment/{m}/preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         history = (r / f"pretrain/{m}/seed0/history.csv").read_text().splitlines()
         assert history[0].startswith("epoch,loss,lr,images_per_s") and len(history) == 3
-        assert "knn_top1" in history[0].split(",")  # the kNN monitor ran every epoch
+        assert "val_knn_top1" in history[0].split(",")  # the (validation) kNN monitor ran every epoch
         metrics = json.loads((r / f"linear_eval/{m}/seed0/metrics.json").read_text())
         assert metrics["encoder_unchanged"] is True and 0.0 <= metrics["linear_top1"] <= 1.0
     for b in BASELINES:

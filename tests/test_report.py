@@ -11,6 +11,7 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -30,12 +31,25 @@ TOP1 = {"simclr": [0.91, 0.87], "dae": [0.62, 0.70], "pixels": [0.80, 0.80], "ra
 TOP5 = {"simclr": [0.99, 0.98], "dae": [0.95, 0.90], "pixels": [None, None], "random": [0.71, 0.62]}
 KNN = {"simclr": [0.88, 0.85], "dae": [0.55, 0.61], "pixels": [0.83, 0.81], "random": [0.21, 0.29]}
 RANKED = ["simclr", "pixels", "dae", "random"]
+N_TEST = 300  # test images behind each synthetic predictions.npz
 VOID = {"meta", "img", "br", "hr", "link", "input"}
 
 
 def _png(path: Path, color: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8), color).save(path)
+
+
+def _hits(path: Path, values: dict[str, float], seed: int) -> None:
+    """predictions.npz whose per-image hits average exactly to each metric's value."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for key, v in values.items():
+        h = np.zeros(N_TEST, dtype=np.uint8)
+        h[: round(v * N_TEST)] = 1
+        arrays[key] = rng.permutation(h)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
 
 
 def _json(path: Path, obj) -> None:
@@ -74,6 +88,8 @@ def results(tmp_path: Path) -> Path:
             if kind == "ssl":
                 m["pretrain_run_id"] = f"pre-{name}-{seed}"
             _json(root / "linear_eval" / name / f"seed{seed}" / "metrics.json", m)
+            _hits(root / "linear_eval" / name / f"seed{seed}" / "predictions.npz",
+                  {"linear_top1": TOP1[name][j], "knn_top1": KNN[name][j]}, seed)
     return root
 
 
@@ -153,12 +169,18 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
         name = row[1]
         assert row[2] == ("ssl" if name in METHODS else "baseline")
         assert row[3:] == [_fmt(TOP1[name]), _fmt(TOP5[name]), _fmt(KNN[name])]
-    assert "beating every baseline (pixels, random) on linear top-1: simclr." in text
+    assert "Beat every baseline (pixels, random) on linear top-1: simclr." in text
     assert res["beat_all_baselines"] == ["simclr"]
+    # The wording follows the paired intervals: dae is clearly below pixels, clearly above random.
+    verdicts = {(c["method"], c["baseline"], c["metric"]): c["verdict"] for c in res["comparisons"]}
+    assert verdicts[("dae", "pixels", "linear_top1")] == "worse"
+    assert verdicts[("dae", "random", "linear_top1")] == "beats"
+    assert verdicts[("simclr", "pixels", "knn_top1")] == "beats"
+    assert "dae is worse than pixels on linear top-1 (-14.0 points, 95 % CI" in text
     assert [r["name"] for r in res["rows"]] == RANKED
 
-    # bar chart + loss curves + 2 previews + dae's reconstructions (loss.png is a standard name)
-    assert len(page.imgs) == 5
+    # dot chart + forest chart + loss curves + 2 previews + dae's reconstructions (loss.png is a standard name)
+    assert len(page.imgs) == 6
     for src in page.imgs:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
@@ -201,7 +223,7 @@ def optional(results: Path) -> Path:
         for method, knn in (("simclr", ["", "0.5", "0.6"]), ("dae", ["", "", ""])):
             path = results / "pretrain" / method / f"seed{seed}" / "history.csv"
             lines = path.read_text().splitlines()
-            path.write_text("\n".join([lines[0] + ",knn_top1"] + [f"{ln},{k}" for ln, k in zip(lines[1:], knn)]) + "\n")
+            path.write_text("\n".join([lines[0] + ",val_knn_top1"] + [f"{ln},{k}" for ln, k in zip(lines[1:], knn)]) + "\n")
     (results / "pretrain/dae/seed0/reconstructions.png").rename(results / "pretrain/dae/seed0/dae_energy_vs_corruption.png")
     for name, color in (("simclr", "yellow"), ("pixels", "purple")):
         _png(results / "linear_eval" / name / "seed0" / "embedding.png", color)
@@ -213,6 +235,8 @@ def optional(results: Path) -> Path:
                 "name": name, "kind": "baseline", "seed": seed, "linear_top1": SUPERVISED[j], "linear_top5": 1.0,
                 "knn_top1": SUPERVISED[j], "feature_dim": 64, "encoder_unchanged": True, "run_id": f"eval-sup-{seed}"}
             _json(path, {**m, "linear_top1_10pct": PCT10[name][j], "linear_top1_1pct": PCT1[name][j]})
+            top1 = SUPERVISED[j] if name == "supervised" else TOP1[name][j]
+            _hits(path.with_name("predictions.npz"), {"linear_top1": top1, "linear_top1_1pct": PCT1[name][j]}, seed)
     bench = results.parents[1] / "benchmarks" / DATASET
     for rel, sec in BENCH.items():
         (bench / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -235,12 +259,15 @@ def test_optional_sections(optional: Path, tmp_path: Path) -> None:
         assert row[6:] == [_fmt(PCT1[row[1]]), _fmt(PCT10[row[1]])]
     assert "n = number of seeds" in text
     assert res["beat_all_baselines"] == ["simclr"]  # the supervised reference is not a bar to clear
-    assert "beating every baseline (pixels, random) on linear top-1: simclr." in text
+    assert "Beat every baseline (pixels, random) on linear top-1: simclr." in text
+    # supervised is compared too (shown), but never a bar a method must clear
+    assert any(c["baseline"] == "supervised" and c["verdict"] == "worse" for c in res["comparisons"])
     assert "Reference: supervised (trained with labels" in text and _fmt(SUPERVISED) in text
 
     # Figures: bar, loss, kNN monitor, 2 embeddings (first seed), 2 previews, the dae diagnostic.
     caps = re.findall(r"<figcaption>([^<]*)</figcaption>", html)
-    assert caps == ["Linear top-1 by method", "Pretraining loss curves", "kNN monitor curves",
+    assert caps == ["Linear top-1 by method", "Each method minus each baseline, linear top-1, with 95 % paired intervals",
+                    "Pretraining loss curves", "kNN monitor curves",
                     "simclr embedding of test features (seed 0)", "pixels embedding of test features (seed 0)",
                     "dae augmentation preview", "dae energy vs corruption (seed 0)", "simclr augmentation preview"]
     embedded = dict(zip(caps, page.imgs))
@@ -335,3 +362,24 @@ def test_missing_required_file(results: Path, tmp_path: Path, rel: str) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(results / rel))):
         build_report(results, DATASET, METHODS, SEEDS, BASELINES, out)
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_no_claim_inside_the_noise(results: Path, tmp_path: Path) -> None:
+    """Means that differ by less than the interval's width give "no clear difference", never "beats"."""
+    for j, seed in enumerate(SEEDS):  # dae 1.3 points above pixels on 300 images: inside the noise
+        for name, v in (("dae", 0.813), ("pixels", 0.80)):
+            _hits(results / "linear_eval" / name / f"seed{seed}" / "predictions.npz",
+                  {"linear_top1": v, "knn_top1": KNN[name][j]}, seed + 10 * len(name))
+    res = build_report(results, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "out")
+    c = next(c for c in res["comparisons"] if (c["method"], c["baseline"], c["metric"]) == ("dae", "pixels", "linear_top1"))
+    assert c["diff"] > 0 and c["lo"] < 0 < c["hi"] and c["verdict"] == "no clear difference"
+    text = " ".join(_parse(tmp_path / "out" / "report.html").text)
+    assert "dae vs pixels on linear top-1: no clear difference" in text
+
+
+def test_without_predictions_no_claim(results: Path, tmp_path: Path) -> None:
+    for path in results.glob("linear_eval/*/seed*/predictions.npz"):
+        path.unlink()
+    res = build_report(results, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "out")
+    assert res["comparisons"] == [] and res["beat_all_baselines"] == []
+    assert "no method is said to beat a baseline" in (tmp_path / "out" / "report.md").read_text()

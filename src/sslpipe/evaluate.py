@@ -219,6 +219,17 @@ def knn_predict(ftr: Tensor, ytr: Tensor, fte: Tensor, num_classes: int, k: int,
     return torch.cat(preds)
 
 
+KNN_K_LARGE, KNN_K_SMALL, KNN_LARGE_FROM = 200, 20, 50_000
+
+
+def knn_k_for(k: int | None, n_train: int) -> int:
+    """`evaluate.knn_k`, or for null the size rule: 200 neighbours from 50,000 training images up
+    (Wu et al. 2018 on CIFAR and ImageNet), 20 below."""
+    if k is not None:
+        return k
+    return KNN_K_LARGE if n_train >= KNN_LARGE_FROM else KNN_K_SMALL
+
+
 def _labels(y) -> Tensor:
     return y.detach().long().cpu() if isinstance(y, Tensor) else torch.from_numpy(np.asarray(y)).long()
 
@@ -330,7 +341,9 @@ def evaluate_features(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray
         out.update(label_efficient_probe(ftr, ytr, fte, yte, num_classes, fraction, ecfg, seed,
                                          out["probe_weight_decay"], correct))
     out["probe_s"] = time.perf_counter() - t0
-    pred = knn_predict(ftr, torch.from_numpy(ytr).long(), fte, num_classes, ecfg["knn_k"], ecfg["knn_temperature"])
+    k = knn_k_for(ecfg["knn_k"], len(ftr))
+    pred = knn_predict(ftr, torch.from_numpy(ytr).long(), fte, num_classes, k, ecfg["knn_temperature"])
+    out["knn_k"] = k
     hits = pred == torch.from_numpy(yte).long()
     out["knn_top1"] = hits.float().mean().item()
     if correct is not None:

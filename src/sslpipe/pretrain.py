@@ -158,7 +158,7 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
             log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
 
     loop = Loop(method, opt, x, tcfg, device, amp_dtype, method_name, ckpt, log, echo,
-                monitor=knn_monitor(cfg, encoder, x, data_dir, device, amp_dtype) if main else None)
+                monitor=knn_monitor(cfg, encoder, x, data_dir, device, seed) if main else None)
     try:
         loop.run(st)
     except (TrainingError, EnergyError) as exc:  # non-finite: keep the last good checkpoint, say where
@@ -184,22 +184,28 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
 
 
 def knn_monitor(cfg: dict, encoder, x: torch.Tensor, data_dir: Path, device: torch.device,
-                amp_dtype: torch.dtype | None) -> tuple[int, Callable[[], float]] | None:
-    """(every, fn): kNN top-1 of the current encoder every `evaluate.knn_monitor_every` epochs.
+                seed: int) -> tuple[int, Callable[[], float]] | None:
+    """(every, fn): validation kNN top-1 of the current encoder every `evaluate.knn_monitor_every`
+    epochs (history column `val_knn_top1`).
 
     A monitor only: labels never reach the loss, and the accuracy-over-epochs curve shows when
-    the representation stops improving. None when off.
+    the representation stops improving. It never opens the test split: the queries are the
+    validation part of the *training* set that linear evaluation holds out to choose the probe's
+    weight decay (`evaluate.stratified_split` with `evaluate.val_fraction` and the run's seed),
+    the neighbours the rest. Features in fp32, as in evaluation. None when off.
     """
-    ecfg = cfg.get("evaluate", {})
-    every = ecfg.get("knn_monitor_every", 0)
+    ecfg = cfg["evaluate"]
+    every = ecfg["knn_monitor_every"]
     if not every:
         return None
     from sslpipe import evaluate as ev
 
-    _, ytr = data_mod.load_split(data_dir, "train")
-    xte, yte = data_mod.load_split(data_dir, "test")
-    return every, lambda: ev.knn_monitor(encoder, x, ytr, xte, yte, device, amp_dtype,
-                                         ecfg["knn_k"], ecfg["knn_temperature"])
+    _, ytr = data_mod.load_split(data_dir, "train")  # training labels only, never the test split's
+    bank, val = ev.stratified_split(ytr, ecfg["val_fraction"], seed)
+    bank_t, val_t = torch.from_numpy(bank).to(x.device), torch.from_numpy(val).to(x.device)
+    k = ev.knn_k_for(ecfg["knn_k"], len(bank))
+    return every, lambda: ev.knn_monitor(encoder, x[bank_t], ytr[bank], x[val_t], ytr[val], device, None,
+                                         k, ecfg["knn_temperature"])
 
 
 @dataclass
@@ -299,7 +305,7 @@ class Loop:
                "wall_s": time.perf_counter() - self.t_start}
         row.update({k: (v / self.steps_per_epoch).item() for k, v in st.extra_sum.items()})
         if self.monitor and (st.epoch % self.monitor[0] == 0 or st.epoch == self.tcfg["epochs"]):
-            row["knn_top1"] = self.monitor[1]()
+            row["val_knn_top1"] = self.monitor[1]()
         st.history.append(row)
         self.log({k: v for k, v in row.items() if k != "epoch"}, st.epoch)
         self.echo(f"epoch {st.epoch}/{self.tcfg['epochs']} loss {mean_loss:.4f} lr {lr:.2e} "

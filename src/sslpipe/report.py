@@ -1,8 +1,12 @@
 """Report stage: gather every method's and baseline's outputs into one HTML page, a Markdown
 twin and a summary CSV.
 
-Optional inputs get a section only when they exist: kNN-monitor curves (`knn_top1` column of
-history.csv), embedding plots (linear_eval/{name}/seed{first seed}/embedding.png), label-efficient
+Claims follow confidence intervals: "beats" only where the paired 95 % interval of the
+difference excludes zero (`sslpipe.metrics`), from the per-test-image hits in each evaluation's
+predictions.npz; without them the report shows means and makes no claim.
+
+Optional inputs get a section only when they exist: validation kNN-monitor curves
+(`val_knn_top1` column of history.csv), embedding plots (linear_eval/{name}/seed{first seed}/embedding.png), label-efficient
 probes (`linear_top1_<p>pct` keys of metrics.json), method diagnostics (other PNGs of a pretrain
 folder) and wall time per job (Snakemake benchmark TSVs).
 
@@ -12,7 +16,6 @@ or attached to an MLflow run without its results folder. Every output goes throu
 """
 from __future__ import annotations
 
-import base64
 import csv
 import html
 import io
@@ -22,20 +25,14 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
-# Figure (not pyplot) keeps no global state and needs no GUI backend: safe in worker jobs.
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
-
+from . import figures as fig
+from . import metrics as mt
 from .io import atomic_path, read_json
 
-METRICS = ("linear_top1", "linear_top5", "knn_top1")
-METRIC_LABELS = {"linear_top1": "Linear top-1", "linear_top5": "Linear top-5", "knn_top1": "kNN top-1"}
-PCT = re.compile(r"^linear_top1_(\d+(?:\.\d+)?)pct$")  # linear probe trained on p% of the labels
-CSV_COLUMNS = ["name", "kind", "n_seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")]
-# Baselines that bound the methods from above (trained with labels): not a bar a method must clear.
-REFERENCES = frozenset({"supervised"})
+KNN_COLUMN = "val_knn_top1"  # the pretraining monitor's column in history.csv (validation split)
 # PNGs in a pretrain run folder that are not method diagnostics (the report draws its own plots).
 STANDARD_PNGS = frozenset({"loss.png", "loss_curve.png", "preview.png"})
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -100,100 +97,32 @@ def _load_history(path: Path) -> pd.DataFrame:
     return df
 
 
+def _load_hits(path: Path) -> dict[str, np.ndarray] | None:
+    """predictions.npz: per top-1 metric, 0/1 per test image; None when absent."""
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return {k: z[k].astype(np.float64) for k in z.files}
+
+
 # ----------------------------------------------------------------------------- statistics
-def _mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
-    """Mean and sample std; std is 0.0 for a single seed rather than undefined."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return statistics.mean(vals), std, len(vals)
-
-
-def _metric_keys(metrics: list[dict]) -> list[str]:
-    """The standard metrics, then each label-efficient probe present, by label fraction."""
-    pct = {k for m in metrics for k in m if PCT.match(k)}
-    return list(METRICS) + sorted(pct, key=lambda k: float(PCT.match(k).group(1)))
-
-
-def _label(key: str) -> str:
-    return METRIC_LABELS.get(key) or f"Linear top-1 ({PCT.match(key).group(1)}% labels)"
-
-
-def _csv_columns(keys: list[str]) -> list[str]:
-    return CSV_COLUMNS + [f"{m}_{s}" for m in keys if m not in METRICS for s in ("mean", "std")]
-
-
 def _summarise(name: str, kind: str, metrics: list[dict], keys: list[str]) -> dict:
     if any(r.get("linear_top1") is None for r in metrics):  # the ranking key; top-5 alone may be null
         raise ValueError(f"linear_top1 missing for {name}")
-    row: dict[str, Any] = {"name": name, "kind": kind, "n_seeds": len(metrics)}
-    for m in keys:
-        row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = _mean_std([r.get(m) for r in metrics])
-    return row
+    return mt.summarise(name, kind, metrics, keys)
 
 
-def _fmt(row: dict, metric: str) -> str:
-    mean, std, n = row[f"{metric}_mean"], row[f"{metric}_std"], row[f"{metric}_n"]
-    return "—" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f} (n={n})"
-
-
-def _winners(rows: list[dict]) -> list[str]:
-    """SSL methods whose mean linear top-1 is strictly above every (non-reference) baseline's."""
-    base = [r["linear_top1_mean"] for r in rows if r["kind"] == "baseline" and r["name"] not in REFERENCES]
-    if not base:
-        return []
-    best = max(base)
-    return [r["name"] for r in rows if r["kind"] == "ssl" and r["linear_top1_mean"] > best]
-
-
-# ----------------------------------------------------------------------------- figures
-def _png_uri(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-
-
-def _fig_png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _bar_chart(rows: list[dict]) -> bytes:
-    fig = Figure(figsize=(max(4, 0.9 * len(rows) + 1.5), 3.5))
-    ax = fig.subplots()
-    names = [r["name"] for r in rows]
-    ax.bar(names, [100 * r["linear_top1_mean"] for r in rows],
-           yerr=[100 * r["linear_top1_std"] for r in rows], capsize=4,
-           color=["tab:blue" if r["kind"] == "ssl" else "tab:gray" for r in rows])
-    ax.set_ylabel("linear top-1 (%)")
-    ax.set_title("Linear probe top-1 (mean ± sample std over seeds)")
-    ax.tick_params(axis="x", rotation=30)
-    return _fig_png(fig)
-
-
-def _curve_chart(histories: dict[str, list[pd.DataFrame]], column: str, ylabel: str, title: str,
-                 scale: float = 1.0) -> bytes:
-    # Seed-averaged curve per method, with a ±std band when there are several seeds. Rows where
-    # `column` is empty are skipped (the kNN monitor runs only every few epochs).
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
-    for method, dfs in histories.items():
-        g = pd.concat(dfs)[["epoch", column]].dropna().groupby("epoch")[column]
-        mean, std = scale * g.mean(), scale * g.std().fillna(0.0)
-        ax.plot(mean.index, mean.values, marker="o" if len(mean) < 20 else None, label=f"{method} (n={len(dfs)})")
-        if len(dfs) > 1:
-            ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    return _fig_png(fig)
+def _winners(comps: list[dict], methods: list[str], bars: list[str]) -> list[str]:
+    """Methods whose linear top-1 beats every non-reference baseline by a paired interval that
+    excludes zero."""
+    won = {(c["method"], c["baseline"]) for c in comps if c["metric"] == "linear_top1" and c["verdict"] == "beats"}
+    return [m for m in methods if bars and all((m, b) in won for b in bars)]
 
 
 def _knn_histories(histories: dict[str, list[pd.DataFrame]]) -> dict[str, list[pd.DataFrame]]:
     """Per method, the seeds whose history has kNN-monitor values (methods with none left out)."""
-    out = {m: [df for df in dfs if "knn_top1" in df and df["knn_top1"].notna().any()] for m, dfs in histories.items()}
+    col = KNN_COLUMN
+    out = {m: [df for df in dfs if col in df and df[col].notna().any()] for m, dfs in histories.items()}
     return {m: dfs for m, dfs in out.items() if dfs}
 
 
@@ -255,11 +184,39 @@ class _Doc:
 
 
 # ----------------------------------------------------------------------------- report sections
+def _claims_section(doc: _Doc, comps: list[dict], methods: list[str], bars: list[str], winners: list[str],
+                    baselines: list[str]) -> None:
+    """What the numbers support, in words that follow the paired intervals (sslpipe.metrics)."""
+    doc.heading("Does pretraining beat the baselines?", 3)
+    if not bars:
+        doc.para("No baselines were evaluated." if not baselines else "Only reference baselines were evaluated.")
+        return
+    if not comps:
+        doc.para("No per-image predictions (predictions.npz) were found, so no difference can be tested: "
+                 "the table above shows means only, and no method is said to beat a baseline.")
+        return
+    first = comps[0]
+    doc.para(f"A method is said to beat a baseline only when the 95 % interval of the paired difference excludes "
+             f"zero: a paired bootstrap ({mt.N_BOOT} resamples) over {first['resampled']}, "
+             f"{first['n_seeds']} seed(s) x {first['n_images']} test images, seed s of a method against seed s "
+             f"of the baseline on the same images. One test image is {100 / first['n_images']:.2f} points.")
+    doc.para(f"Beat every baseline ({', '.join(bars)}) on linear top-1: {', '.join(winners) or 'none'}.")
+    lines = [mt.sentence(c) + "." for c in comps if c["metric"] == "linear_top1" and c["baseline"] in bars]
+    doc.html.append("<ul>" + "".join(f"<li>{_esc(t)}</li>" for t in lines) + "</ul>")
+    doc.md.append("\n".join(f"- {t}" for t in lines))
+    metrics = list(dict.fromkeys(c["metric"] for c in comps))
+    body = [[m, b] + [next((f"{mt.fmt_ci(c)} {c['verdict']}" for c in comps
+                            if c["method"] == m and c["baseline"] == b and c["metric"] == k), "—") for k in metrics]
+            for m in methods for b in baselines]
+    doc.table(["method", "against"] + [f"{mt.label(k)}: Δ points [95 % CI]" for k in metrics], body)
+
+
+
 def _method_section(doc: _Doc, root: Path, method: str, seeds: list[int], metrics: dict) -> None:
     doc.heading(f"Method: {method}")
     aug = root / "augment" / method
     preview = _require(aug / "preview.png").read_bytes()
-    doc.raw_html(_img(_png_uri(preview), f"{method} augmentation preview"))
+    doc.raw_html(_img(fig.png_uri(preview), f"{method} augmentation preview"))
     policy = _load_json(aug / "policy.json")
     doc.code("Augmentation policy", json.dumps(policy, indent=2, sort_keys=True), "json")
     if (aug / "benchmark.json").is_file():  # optional: only when the augment benchmark ran
@@ -278,7 +235,7 @@ def _method_section(doc: _Doc, root: Path, method: str, seeds: list[int], metric
     doc.table(["seed", "device", "precision", "epochs", "final loss", "wall time (s)", "images/s",
                "linear top-1 (%)"], body)
     for path, seed in extras:  # "dae_energy_vs_corruption" -> "dae energy vs corruption (seed 0)"
-        doc.raw_html(_img(_png_uri(path.read_bytes()), f"{path.stem.replace('_', ' ')} (seed {seed})"))
+        doc.raw_html(_img(fig.png_uri(path.read_bytes()), f"{path.stem.replace('_', ' ')} (seed {seed})"))
 
 
 def _embeddings_section(doc: _Doc, root: Path, names: list[str], seed: int) -> None:
@@ -286,7 +243,7 @@ def _embeddings_section(doc: _Doc, root: Path, names: list[str], seed: int) -> N
     if found:
         doc.heading("Embeddings")
         for name, path in found:
-            doc.raw_html(_img(_png_uri(path.read_bytes()), f"{name} embedding of test features (seed {seed})"))
+            doc.raw_html(_img(fig.png_uri(path.read_bytes()), f"{name} embedding of test features (seed {seed})"))
 
 
 def _wall_time_section(doc: _Doc, jobs: list[tuple]) -> None:
@@ -342,11 +299,15 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
                for n in kinds for s in seeds}
     histories = {m: [_load_history(root / "pretrain" / m / f"seed{s}" / "history.csv") for s in seeds]
                  for m in methods}
+    hits = {n: {s: h for s in seeds if (h := _load_hits(root / "linear_eval" / n / f"seed{s}" / "predictions.npz"))
+                is not None} for n in kinds}
     jobs = _benchmarks(bdir, kinds, seeds)
-    keys = _metric_keys(list(metrics.values()))
+    keys = mt.metric_keys(metrics.values())
     rows = [_summarise(n, k, [metrics[(n, s)] for s in seeds], keys) for n, k in kinds.items()]
     rows.sort(key=lambda r: (-r["linear_top1_mean"], r["name"]))  # name breaks ties deterministically
-    winners = _winners(rows)
+    comps = mt.comparisons(hits, methods, list(baselines), keys)
+    bars = [b for b in baselines if b not in mt.REFERENCES]
+    winners = _winners(comps, methods, bars)
 
     doc = _Doc()
     doc.heading(f"sslpipe report: {dataset}", 1)
@@ -359,29 +320,27 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
     doc.para(f"Accuracies in %, mean ± sample std over seeds (n = number of seeds behind each number; "
              f"this config has {len(seeds)}), ranked by linear top-1.")
     shown = [m for m in keys if any(r[f"{m}_mean"] is not None for r in rows)]  # drop all-null top-5
-    doc.table(["rank", "name", "kind"] + [_label(m) for m in shown],
-              [[i + 1, r["name"], r["kind"]] + [_fmt(r, m) for m in shown] for i, r in enumerate(rows)],
+    doc.table(["rank", "name", "kind"] + [mt.label(m) for m in shown],
+              [[i + 1, r["name"], r["kind"]] + [mt.fmt_mean_std(r, m) for m in shown] for i, r in enumerate(rows)],
               [r["kind"] for r in rows])
-    bars = [b for b in baselines if b not in REFERENCES]
-    if not bars:
-        doc.para("No baselines were evaluated." if not baselines else "Only reference baselines were evaluated.")
-    elif winners:
-        doc.para(f"Methods beating every baseline ({', '.join(bars)}) on linear top-1: {', '.join(winners)}.")
-    else:
-        doc.para(f"No method beats every baseline ({', '.join(bars)}) on linear top-1.")
-    for r in (r for r in rows if r["kind"] == "baseline" and r["name"] in REFERENCES):
+    _claims_section(doc, comps, methods, bars, winners, baselines)
+    for r in (r for r in rows if r["kind"] == "baseline" and r["name"] in mt.REFERENCES):
         doc.para(f"Reference: {r['name']} (trained with labels, an upper bound rather than a bar to "
-                 f"clear) reaches {_fmt(r, 'linear_top1')} linear top-1.")
+                 f"clear) reaches {mt.fmt_mean_std(r, 'linear_top1')} linear top-1.")
     changed = [f"{n}/seed{s}" for (n, s), m in metrics.items() if m.get("encoder_unchanged") is False]
     if changed:  # a linear probe must not move the encoder; flag it loudly rather than hide it
         doc.para(f"Warning: encoder changed during linear evaluation in: {', '.join(changed)}", "warn")
-    doc.raw_html(_img(_png_uri(_bar_chart(rows)), "Linear top-1 by method"))
+    doc.raw_html(_img(fig.png_uri(fig.dot_chart(rows)), "Linear top-1 by method"))
+    if any(c["metric"] == "linear_top1" for c in comps):
+        doc.raw_html(_img(fig.png_uri(fig.forest_chart(comps, "linear_top1")),
+                          "Each method minus each baseline, linear top-1, with 95 % paired intervals"))
     if histories:
-        doc.raw_html(_img(_png_uri(_curve_chart(histories, "loss", "pretraining loss",
+        doc.raw_html(_img(fig.png_uri(fig.curve_chart(histories, "loss", "pretraining loss",
                                                 "Pretraining loss (mean over seeds)")), "Pretraining loss curves"))
     knn = _knn_histories(histories)
     if knn:
-        doc.raw_html(_img(_png_uri(_curve_chart(knn, "knn_top1", "kNN top-1 (%)", "kNN monitor during pretraining "
+        doc.raw_html(_img(fig.png_uri(fig.curve_chart(knn, KNN_COLUMN, "validation kNN top-1 (%)",
+                                                "kNN monitor during pretraining: held-out training images "
                                                 "(mean over seeds)", 100.0)), "kNN monitor curves"))
     _embeddings_section(doc, root, [r["name"] for r in rows], seeds[0])
 
@@ -406,7 +365,7 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
             f"<body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
     _write_text(out / "report.html", page)
     _write_text(out / "report.md", "\n\n".join(doc.md) + "\n")
-    columns = _csv_columns(keys)
+    columns = mt.csv_columns(keys)
     _write_csv(out / "summary.csv", rows, columns)
-    return {"dataset": dataset, "rows": [{k: r[k] for k in columns} for r in rows],
+    return {"dataset": dataset, "rows": [{k: r[k] for k in columns} for r in rows], "comparisons": comps,
             "beat_all_baselines": winners, "outputs": {k: str(out / k) for k in ("report.html", "report.md", "summary.csv")}}

@@ -147,6 +147,8 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
     write_json(out, metrics)
     run.artifact(out)
     run.artifact(picture["embedding"])
+    if predictions is not None:  # `compare` reads it back for its paired intervals
+        run.artifact(predictions)
     return metrics
 
 

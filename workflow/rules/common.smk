@@ -1,74 +1,98 @@
-# Config validation, tracking set-up and input functions shared by every rule.
+# Config resolution, tracking set-up and input functions shared by every rule.
 import json
 import os
+import re
 import shlex
 import subprocess
+import sys
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
-from sslpipe.config import ConfigError, check, config_hash
+from sslpipe import config as sslconfig
 from sslpipe.tracking import ENV as TRACKING_ENV, settings_from_config
 
 min_version("8.0")
 
-# Fill defaults and reject bad values before any job starts.
-validate(config, schema="../schemas/config.schema.yaml")
-try:
-    check(config)
-except ConfigError as exc:
-    raise WorkflowError(str(exc))
 
-DATASET = config["data"]["name"] or config["data"]["source"]
+def _label(path):
+    """A config file as the user named it: relative to the working directory when inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+# The config is the stack Snakemake was given: the --configfile files in order (the default
+# profile gives config/config.yaml when none is named; the Snakefile names none, so a
+# --configfile never inherits another file's values), then the --config overrides, coerced by
+# the schema's types. `sslpipe check-config FILE... --config KEY=VALUE...` resolves the same
+# stack the same way. Every problem (schema, combinations of keys, data, device) is one line
+# naming the key and its file, printed before any job starts.
+CONFIG_FILES = [_label(str(f)) for f in workflow.config_settings.configfiles]
+try:
+    _resolved = sslconfig.resolve_stack(CONFIG_FILES, dict(workflow.config_settings.config))
+except sslconfig.ConfigError as exc:
+    lines = str(exc).splitlines()
+    print(f"sslpipe: {len(lines)} config problem(s), no job started:", *lines, sep="\n", file=sys.stderr)
+    sys.exit(1)
+config.clear()
+config.update(_resolved)
+
+NAME = config["name"]
 METHODS = config["methods"]
 SEEDS = config["seeds"]
 BASELINES = config["evaluate"]["baselines"]
 PRETRAIN_PROCESSES = config["pretrain"]["processes"]
-CONFIG_HASH = config_hash(config)
+CONFIG_HASH = sslconfig.config_hash(config)
 
 # Tracking settings reach jobs through the environment, not params: pointing MLflow elsewhere
 # must not re-run the pipeline.
 os.environ[TRACKING_ENV] = json.dumps(settings_from_config(config, CONFIG_HASH))
 
+# Every output, log, benchmark and checkpoint lives under the config's name, so configs of
+# different names run side by side; one name's unchanged jobs are reused across its runs.
 wildcard_constraints:
-    dataset=r"[A-Za-z0-9_.-]+",
+    name=re.escape(NAME),
     method="|".join(METHODS) or "none",
     baseline="|".join(BASELINES) or "none",
     seed=r"\d+",
 
-# The config keys each stage depends on. Passing only these as params means Snakemake re-runs
-# exactly the jobs whose settings changed (params are a re-run trigger).
-STAGE_KEYS = {
-    "prepare": ["data"],
-    "augment": ["augment"],
-    "pretrain": ["model", "pretrain", "device", "precision", "channels_last"],
-    "linear_eval": ["model", "evaluate", "device", "precision"],
-}
+# Method keys the view policy (the augment job's output) never reads: training settings.
+# Listed as exclusions so that a key added later re-runs augment rather than leaving a stale
+# policy; tests/test_workflow.py checks that none of these changes a method's policy.
+NOT_POLICY = {"pretrain", "temperature", "proj_hidden", "proj_dim", "momentum", "queue_size",
+              "bn_groups", "bank_momentum", "lambda_", "num_negatives", "nce", "buffer_size",
+              "reinit_fraction", "alpha", "energy_bound", "grad_clip"}
+# The kNN monitor's settings: the monitor writes history.csv's knn_top1 column, an output.
+MONITOR_KEYS = ("knn_monitor_every", "knn_k", "knn_temperature", "val_fraction")
 
 
-def stage_config(stage, method=None):
-    """The JSON config slice a stage's job receives (quoted into its command line)."""
-    if stage == "report":
-        return json.dumps(config, sort_keys=True)
-    part = {key: config[key] for key in STAGE_KEYS[stage]}
-    if method in METHODS:
-        part[method] = config[method]
-    if stage == "pretrain":  # the kNN monitor's settings, and no other evaluation key
-        part["evaluate"] = {k: config["evaluate"][k] for k in ("knn_monitor_every", "knn_k", "knn_temperature")}
-    return json.dumps(part, sort_keys=True)
+def stage_slice(stage, method=None, baseline=None):
+    """The config slice a job receives (as JSON on its command line, and as its params: a
+    re-run trigger). It holds what the job's outputs depend on and nothing else."""
+    c = config
+    if stage == "prepare":
+        return {"data": c["data"]}
+    if stage == "augment":  # the view policy: views, plus a method's jigsaw / corruption / sampler
+        return {"augment": c["augment"], method: {k: v for k, v in c[method].items() if k not in NOT_POLICY}}
+    if stage == "pretrain":  # the shared training settings and the method's own (incl. {method}.pretrain)
+        return {**{k: c[k] for k in ("model", "pretrain", "device", "precision", "channels_last")},
+                method: c[method], "evaluate": {k: c["evaluate"][k] for k in MONITOR_KEYS}}
+    if stage == "linear_eval":
+        # Not the baseline list (which jobs exist is no setting of one job), nor the monitor's
+        # period. Evaluation runs in fp32 whatever `precision` says; only the supervised
+        # baseline trains, with the pretrain section (not its process count) and precision.
+        ev = {k: v for k, v in c["evaluate"].items() if k not in ("knn_monitor_every", "baselines")}
+        part = {"model": c["model"], "device": c["device"], "precision": "fp32", "evaluate": ev}
+        if baseline == "supervised":
+            part.update(pretrain={k: v for k, v in c["pretrain"].items() if k != "processes"},
+                        channels_last=c["channels_last"], precision=c["precision"])
+        return part
+    if stage == "report":  # the report shows the whole config and its hash
+        return c
+    raise ValueError(stage)
 
 
-def eval_config(wildcards):
-    """The config slice an evaluation job receives. evaluate.knn_monitor_every is a pretraining
-    setting and is left out, so changing it re-runs no evaluation. The supervised baseline
-    trains like pretraining does, so it also gets the pretrain section and channels_last."""
-    part = json.loads(stage_config("linear_eval"))
-    part["evaluate"].pop("knn_monitor_every", None)
-    if wildcards.get("baseline") == "supervised":
-        # ...but not the process count: the baseline trains in one process whatever pretraining uses.
-        pretrain = {k: v for k, v in config["pretrain"].items() if k != "processes"}
-        part.update(pretrain=pretrain, channels_last=config["channels_last"])
-    return json.dumps(part, sort_keys=True)
+def stage_config(stage, method=None, baseline=None):
+    return json.dumps(stage_slice(stage, method, baseline), sort_keys=True)
 
 
 def pretrain_command(processes):
@@ -87,29 +111,28 @@ def pretrain_command(processes):
 
 
 def data_files(wildcards):
-    base = f"results/{wildcards.dataset}/data"
+    base = f"results/{wildcards.name}/data"
     return {"train": f"{base}/train.npz", "test": f"{base}/test.npz", "manifest": f"{base}/manifest.json"}
 
 
-def eval_outputs(dataset=DATASET):
-    names = METHODS + BASELINES
-    return expand("results/{dataset}/linear_eval/{name}/seed{seed}/metrics.json",
-                  dataset=dataset, name=names, seed=SEEDS)
+def eval_outputs(name=NAME):
+    return expand("results/{name}/linear_eval/{evaluated}/seed{seed}/metrics.json",
+                  name=name, evaluated=METHODS + BASELINES, seed=SEEDS)
 
 
 def report_inputs(wildcards):
-    d = wildcards.dataset
+    n = wildcards.name
     return {
-        "metrics": eval_outputs(d),
-        "predictions": [p.replace("metrics.json", "predictions.npz") for p in eval_outputs(d)],
-        "previews": expand("results/{d}/augment/{m}/preview.png", d=d, m=METHODS),
-        "histories": expand("results/{d}/pretrain/{m}/seed{s}/history.csv", d=d, m=METHODS, s=SEEDS),
-        "manifest": f"results/{d}/data/manifest.json",
+        "metrics": eval_outputs(n),
+        "predictions": [p.replace("metrics.json", "predictions.npz") for p in eval_outputs(n)],
+        "previews": expand("results/{n}/augment/{m}/preview.png", n=n, m=METHODS),
+        "histories": expand("results/{n}/pretrain/{m}/seed{s}/history.csv", n=n, m=METHODS, s=SEEDS),
+        "manifest": f"results/{n}/data/manifest.json",
     }
 
 
 def report_outputs():
-    return [f"results/{DATASET}/report/report.html", f"results/{DATASET}/report/summary.csv"]
+    return [f"results/{NAME}/report/report.html", f"results/{NAME}/report/summary.csv"]
 
 
 def tracking_hook(*args):
@@ -137,3 +160,4 @@ onsuccess:
 
 onerror:
     tracking_hook("track-finish", "--status", "FAILED")
+    print(f"\nEach job's own log: logs/{NAME}/<stage>/... (the failed ones are shown above).", file=sys.stderr)
