@@ -50,3 +50,24 @@ def test_snakefile_refuses_an_impossible_config_before_any_job(tmp_path):
     assert proc.returncode != 0, out[-3000:]
     assert "simclr.views.crop_ratio" in out and "the minimum exceeds the maximum" in out, out[-3000:]
     assert not (tmp_path / "results").exists()
+
+
+def test_missing_shared_data_fails_under_ci_and_skips_elsewhere(tmp_path):
+    """The conftest's switch, on a checkout without ../shared: SSLPIPE_REQUIRE_SHARED=1 (.ci/run)
+    turns the cifar_small fixture's skip into a failure."""
+    tests = tmp_path / "checkout" / "tests"
+    tests.mkdir(parents=True)
+    (tests / "conftest.py").write_text((REPO / "tests" / "conftest.py").read_text())
+    (tests / "test_uses_shared.py").write_text("def test_it(cifar_small):\n    assert cifar_small.exists()\n")
+    assert (REPO / ".ci" / "run").read_text().count("SSLPIPE_REQUIRE_SHARED=1 ") == 1
+
+    def pytest_rc(**env) -> tuple[int, str]:
+        e = {k: v for k, v in os.environ.items() if k != "SSLPIPE_REQUIRE_SHARED"} | env
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", str(tests)],
+                              capture_output=True, text=True, env=e, cwd=tests.parent, timeout=120)
+        return proc.returncode, proc.stdout
+
+    rc, out = pytest_rc()
+    assert rc == 0 and "1 skipped" in out, out
+    rc, out = pytest_rc(SSLPIPE_REQUIRE_SHARED="1")
+    assert rc == 1 and "1 error" in out and "may not skip here" in out, out
