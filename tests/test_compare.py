@@ -148,3 +148,36 @@ def test_cli_csv_and_errors(store, tmp_path, capsys):
     assert f"no MLflow store at {missing}" in capsys.readouterr().err and not missing.exists()
     assert cli.main(["compare", "--tracking-uri", uri, "--tag", "novalue"]) == 2
     assert "--tag expects key=value" in capsys.readouterr().err
+
+
+def test_intervals_against_a_baseline_match_the_reports(tmp_path, monkeypatch):
+    """`compare` pairs each method's run with the random baseline's run of the same config and seed,
+    through their predictions.npz artifacts, and gives the interval metrics.paired_bootstrap gives."""
+    import numpy as np
+
+    from sslpipe import metrics as mt
+    from sslpipe.io import write_npz
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rng = np.random.default_rng(0)
+    p = {"simclr": 0.8, "moco": 0.52, "random": 0.5}
+    hits = {(m, s): (rng.random(400) < p[m]).astype(np.uint8) for m in p for s in (0, 1)}
+    _pipeline(monkeypatch, {"name": "ci", "seeds": [0, 1]})
+    for (m, s), h in hits.items():
+        with tracking.stage_run("linear_eval", method=m, seed=s) as run:
+            run.log({"linear_top1": float(h.mean()), "knn_top1": float(h.mean())})
+            write_npz(tmp_path / f"{m}{s}" / "predictions.npz", {"linear_top1": h, "knn_top1": h})
+            run.artifact(tmp_path / f"{m}{s}" / "predictions.npz")
+    rows = _rows(compare.compare(f"sqlite:///{tmp_path / 'mlflow.db'}", fmt="csv"))
+    for m in ("simclr", "moco"):
+        want = mt.paired_bootstrap(np.stack([hits[(m, s)] for s in (0, 1)]),
+                                   np.stack([hits[("random", s)] for s in (0, 1)]))
+        row = rows[("digits", m)]
+        assert float(row["linear_top1_vs_random_lo"]) == pytest.approx(want["lo"])
+        assert float(row["linear_top1_vs_random_hi"]) == pytest.approx(want["hi"])
+        assert row["linear_top1_vs_random_pairs"] == "2"
+    assert rows[("digits", "simclr")]["linear_top1_vs_random_verdict"] == "beats"
+    assert rows[("digits", "moco")]["linear_top1_vs_random_verdict"] == "no clear difference"
+    text = compare.compare(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert "linear_top1 vs random: Δ [95 % CI]" in text and "beats (pairs=2)" in text

@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="only runs with this tag, e.g. sslpipe.git_commit=abc123; repeatable")
     p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+    p.add_argument("--against", action="append", metavar="BASELINE",
+                   help="paired 95%% interval of each method against this baseline (repeatable; default random)")
     return ap
 
 
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         from sslpipe import compare
 
         print(compare.compare(args.tracking_uri, args.experiment, args.dataset, args.method,
-                              compare.parse_tags(args.tag), args.format), end="")
+                              compare.parse_tags(args.tag), args.format, args.against), end="")
         return 0
     if args.stage == "check-config":
         print(json.dumps(config_mod.load(args.config), indent=2, sort_keys=True))

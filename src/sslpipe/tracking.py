@@ -256,6 +256,19 @@ def _experiments(client, names: list[str] | None, uri: str) -> dict[str, str]:
             return out
 
 
+def download_artifact(run_id: str, name: str, dest: str | os.PathLike, uri: str | None = None) -> Path | None:
+    """Download run `run_id`'s artifact `name` into `dest`; None when the run has no such artifact."""
+    import mlflow
+
+    try:
+        return Path(_retry(lambda: mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=name, dst_path=str(dest), tracking_uri=uri or tracking_uri(DEFAULTS))))
+    except Exception as exc:  # MlflowException / OSError for a run logged before predictions existed
+        if "not" in str(exc).lower() or isinstance(exc, OSError):
+            return None
+        raise
+
+
 def search_eval_runs(experiments: list[str] | None = None, filters: dict[str, str] | None = None,
                      uri: str | None = None, stage: str = "linear_eval") -> list[dict]:
     """Every FINISHED run of `stage` in the given experiments (default: all) whose tags equal
