@@ -104,6 +104,20 @@ def test_mlflow_has_a_run_for_every_job(pipeline):
             assert run.info.status == "FINISHED"
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert run.data.tags["sslpipe.git_commit"]
+    # The UI's model-training view; runs named stage/method/seed; encoders and datasets logged;
+    # evaluations and pretraining runs linked both ways; the comparison on the parent run.
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {r.info.run_name for r in by_stage["pretrain"]} == {f"pretrain/{m}/seed0" for m in METHODS}
+    pre_by_id = {r.info.run_id: r for r in by_stage["pretrain"]}
+    for run in by_stage["pretrain"]:
+        assert [a.path for a in client.list_artifacts(run.info.run_id, "encoder")] == ["encoder/encoder.pt"]
+        assert run.inputs.dataset_inputs[0].dataset.name == "digits"
+    for run in by_stage["linear_eval"]:
+        if run.data.tags["sslpipe.method"] in METHODS:
+            pre = pre_by_id[run.data.tags["sslpipe.pretrain_run_id"]]
+            assert pre.data.tags["sslpipe.eval_run_id"] == run.info.run_id
+    assert "simclr.linear_top1_vs_random_lo" in parent.data.metrics
+    assert "report/report.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     for run in by_stage["pretrain"]:
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == [1, 2]

@@ -77,7 +77,9 @@ def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, ou
 
     summary = pt.run(cfg, method, seed, data_dir, policy, out_dir, log=run.log, checkpoint=checkpoint)
     summary["run_id"] = run.run_id
+    run.dataset(data_mod.load_manifest(data_dir), "train")
     run.artifact(out_dir / "history.csv")
+    run.artifact(out_dir / "encoder.pt", "encoder")  # a plain state dict: models.load_encoder reads it
     for png in sorted(out_dir.glob("*.png")):
         run.artifact(png, "diagnostics")
     pt.write_summary(out_dir, summary)
@@ -140,6 +142,10 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
                     "dataset": manifest["dataset"], "eval_s": time.perf_counter() - t0, "run_id": run.run_id})
     if encoder_path is not None:
         metrics["pretrain_run_id"] = read_json(Path(encoder_path).parent / "summary.json").get("run_id")
+        if metrics["pretrain_run_id"] and run.run_id:  # linked both ways: either run's page leads to the other
+            run.tag("sslpipe.pretrain_run_id", metrics["pretrain_run_id"])
+            run.tag("sslpipe.eval_run_id", run.run_id, run_id=metrics["pretrain_run_id"])
+    run.dataset(manifest, "eval")
     run.log({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and k not in ("seed",)})
     if predictions is not None:
@@ -163,6 +169,14 @@ def report(cfg: dict, results_dir: Path, out_dir: Path, run) -> dict:
             "experiment": cfg["name"], "report_run_id": run.run_id, "config": cfg}
     result = report_mod.build_report(results_dir, data_mod.dataset_name(cfg["data"]), cfg["methods"], cfg["seeds"],
                                      cfg["evaluate"]["baselines"], out_dir, provenance=prov)
+    parent = run.parent()  # the pipeline run: where the UI shows the comparison first
     for name in ("report.html", "report.md", "summary.csv"):
         run.artifact(out_dir / name)
+        parent.artifact(out_dir / name, "report")
+    summary = {f"{r['name']}.{m}_mean": r[f"{m}_mean"] for r in result["rows"] for m in ("linear_top1", "knn_top1")
+               if r.get(f"{m}_mean") is not None}
+    for c in result["comparisons"]:
+        if c["metric"] == "linear_top1":
+            summary.update({f"{c['method']}.linear_top1_vs_{c['baseline']}_{k}": c[k] for k in ("diff", "lo", "hi")})
+    parent.log(summary)
     return result

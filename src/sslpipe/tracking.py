@@ -38,6 +38,10 @@ ENV = "SSLPIPE_TRACKING"
 DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "default",
             "config_hash": None, "dataset": None}
 
+# Marks the experiment as model training, so MLflow 3's UI opens its runs/charts view rather than
+# the GenAI one (traces, judges, prompts).
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
+
 LogFn = Callable[[dict[str, float], int | None], None]
 # Fail within seconds on a dead server; still ride out a short blip. The timeout is per socket
 # operation (connect, or a pause in a transfer), not per upload, so large artifacts still fit.
@@ -84,6 +88,8 @@ def _client(s: dict, uri: str | None = None):
 def _experiment_id(client, s: dict, create: bool) -> str:
     exp = _retry(lambda: client.get_experiment_by_name(s["experiment"]))
     if exp is not None:
+        if create and exp.tags.get(KIND_TAG) != KIND:
+            _retry(lambda: client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND))
         return exp.experiment_id
     if not create:
         raise RuntimeError(f"MLflow experiment '{s['experiment']}' does not exist at {tracking_uri(s)}")
@@ -91,7 +97,8 @@ def _experiment_id(client, s: dict, create: bool) -> str:
     uri = tracking_uri(s)
     if uri.startswith("sqlite:///"):  # artifacts beside the SQLite file, not in the job's cwd
         location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return _retry(lambda: client.create_experiment(s["experiment"], artifact_location=location))
+    return _retry(lambda: client.create_experiment(s["experiment"], artifact_location=location,
+                                                   tags={KIND_TAG: KIND}))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -122,14 +129,34 @@ def _log_params(client, run_id: str, params: dict) -> None:
         _retry(lambda chunk=items[i:i + 100]: client.log_batch(run_id, params=chunk))
 
 
+def _backend_failed(s: dict, exc: Exception, what: str) -> None:
+    """`on_error: continue`: warn in one line and go on; `fail`: one readable error, no traceback."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    if s["on_error"] == "continue":
+        print(f"sslpipe: WARNING: MLflow tracking at {tracking_uri(s)} failed ({what}: {first}); "
+              "continuing without MLflow", file=sys.stderr)
+        return
+    raise RuntimeError(f"MLflow tracking at {tracking_uri(s)} failed ({what}: {first}). Fix tracking.uri or "
+                       "MLFLOW_TRACKING_URI, or set tracking.on_error: continue (or tracking.enabled: false)") from exc
+
+
 def init_pipeline(cfg: dict, config_hash: str, provenance: dict) -> dict:
     """Create the store, the experiment and the pipeline's parent run (idempotent).
 
-    Returns {"tracking_uri", "experiment_id", "parent_run_id"} ({} when tracking is off).
+    Returns {"tracking_uri", "experiment_id", "parent_run_id"} ({} when tracking is off, or
+    when the backend fails under `tracking.on_error: continue`).
     """
     s = settings_from_config(cfg, config_hash)
     if not s["enabled"]:
         return {}
+    try:
+        return _init_pipeline(s, cfg, config_hash, provenance)
+    except Exception as exc:
+        _backend_failed(s, exc, "creating the pipeline run")
+        return {}
+
+
+def _init_pipeline(s: dict, cfg: dict, config_hash: str, provenance: dict) -> dict:
     client = _client(s)
     exp_id = _experiment_id(client, s, create=True)
     parent = _find_parent(client, exp_id, config_hash)
@@ -176,6 +203,32 @@ class StageRun:
     def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
 
+    def tag(self, key: str, value: str, run_id: str | None = None) -> None:
+        """Tag this run (or `run_id`: e.g. link a pretraining run back to its evaluation)."""
+        self._call(lambda: self.client.set_tag(run_id or self.run_id, key, value))
+
+    def dataset(self, manifest: dict, context: str) -> None:
+        """Log the prepared dataset as the run's input, with the manifest's digest (MLflow datasets)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        import hashlib
+
+        # One digest for both splits, from the manifest's per-split sha256 of the arrays.
+        digest = hashlib.sha256(json.dumps(manifest.get("sha256", {}), sort_keys=True).encode()).hexdigest()[:16]
+        ds = Dataset(name=manifest.get("dataset", "?"), digest=digest,
+                     source_type="sslpipe", source=json.dumps({"source": manifest.get("source")}),
+                     schema=json.dumps({"image_size": manifest.get("image_size"), "classes": manifest.get("num_classes")}),
+                     profile=json.dumps(manifest.get("counts", {})))
+        inp = DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
+        self._call(lambda: self.client.log_inputs(self.run_id, datasets=[inp]))
+
+    def parent(self) -> "StageRun":
+        """The pipeline's parent run, to log the report's summary where the UI shows it first."""
+        if self.run_id is None:
+            return StageRun(None, None)
+        pid = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
+        return StageRun(self.client if pid else None, pid, self.on_error)
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
@@ -197,7 +250,7 @@ def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
             parent = _find_parent(client, exp_id, s["config_hash"])
             if parent:
                 tags["mlflow.parentRunId"] = parent
-            name = "-".join(str(p) for p in (stage, method, None if seed is None else f"seed{seed}") if p)
+            name = "/".join(str(p) for p in (stage, method, None if seed is None else f"seed{seed}") if p)
             info = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name)).info
             run = StageRun(client, info.run_id, s["on_error"])
             if params:
@@ -222,10 +275,13 @@ def finish_pipeline(cfg: dict, config_hash: str, status: str) -> None:
     s = settings_from_config(cfg, config_hash)
     if not s["enabled"]:
         return
-    client = _client(s)
-    parent = _find_parent(client, _experiment_id(client, s, create=False), config_hash)
-    if parent:
-        _retry(lambda: client.set_terminated(parent, status))
+    try:
+        client = _client(s)
+        parent = _find_parent(client, _experiment_id(client, s, create=False), config_hash)
+        if parent:
+            _retry(lambda: client.set_terminated(parent, status))
+    except Exception as exc:
+        _backend_failed(s, exc, f"marking the pipeline run {status}")
 
 
 # ----------------------------------------------------------------------------- reading runs back
