@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--status", choices=["FINISHED", "FAILED"], required=True)
 
+    p = sub.add_parser("track-replay", help="put the runs kept in mlflow-offline/ (MLflow was unreachable) into MLflow")
+    p.add_argument("--dir", default="mlflow-offline", help="the records' directory (default: mlflow-offline here)")
+    p.add_argument("--tracking-uri", help="where to put them (default: each record's own tracking URI)")
+
     p = sub.add_parser("prepare", help="load a dataset into uint8 arrays and a manifest")
     _common(p)
     p.add_argument("--out-dir", type=Path, required=True)
@@ -107,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
 
         print(compare.compare(args.tracking_uri, args.experiment, args.dataset, args.method,
                               compare.parse_tags(args.tag), args.format, args.against), end="")
+        return 0
+    if args.stage == "track-replay":
+        from sslpipe import offline
+
+        ids = offline.replay(args.dir, args.tracking_uri)
+        print(f"replayed {len(ids)} run(s) from {args.dir}")
         return 0
     if args.stage == "check-config":
         print(json.dumps(config_mod.load(args.config), indent=2, sort_keys=True))

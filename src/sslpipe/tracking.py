@@ -42,6 +42,8 @@ DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "def
 # the GenAI one (traces, judges, prompts).
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
+OFFLINE_DIR = "mlflow-offline"  # in the working directory, beside the default mlflow.db
+
 LogFn = Callable[[dict[str, float], int | None], None]
 # Fail within seconds on a dead server; still ride out a short blip. The timeout is per socket
 # operation (connect, or a pause in a transfer), not per upload, so large artifacts still fit.
@@ -174,12 +176,15 @@ def _init_pipeline(s: dict, cfg: dict, config_hash: str, provenance: dict) -> di
 class StageRun:
     """A child run for one job. `log` is the callable training code receives.
 
-    With `on_error: continue`, a tracking failure in the middle of a job is reported once on
-    stderr and tracking stops for the job; the job itself goes on and writes its outputs.
+    With `on_error: continue`, a tracking failure (at the start or in the middle of a job) is
+    reported once on stderr and tracking stops for the job; the job itself goes on and writes its
+    outputs. Everything the job logs is also kept in `record`, which `stage_run` writes to
+    OFFLINE_DIR when the backend was lost, for `replay` to put into MLflow later.
     """
 
-    def __init__(self, client, run_id: str | None, on_error: str = "fail"):
-        self.client, self.run_id, self.on_error = client, run_id, on_error
+    def __init__(self, client, run_id: str | None, on_error: str = "fail", record: dict | None = None):
+        self.client, self.run_id, self.on_error, self.record = client, run_id, on_error, record
+        self.lost = False
 
     def _call(self, fn: Callable[[], Any]) -> None:
         if self.run_id is None:
@@ -189,38 +194,54 @@ class StageRun:
         except Exception as exc:
             if self.on_error != "continue":
                 raise
-            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job",
-                  file=sys.stderr)
-            self.run_id = None
+            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job "
+                  f"(kept in {OFFLINE_DIR}/ for `sslpipe track-replay`)", file=sys.stderr)
+            self.run_id, self.lost = None, True
+
+    def _op(self, kind: str, *args) -> None:
+        if self.record is not None:
+            self.record["ops"].append([kind, *args])
+        self._call(lambda: getattr(self, f"_{kind}")(*args))
 
     def log(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self._call(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self._op("log", {k: float(v) for k, v in metrics.items()}, step)
 
     def artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
-        self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+        self._op("artifact", str(Path(path).resolve()), folder)
 
     def tag(self, key: str, value: str, run_id: str | None = None) -> None:
         """Tag this run (or `run_id`: e.g. link a pretraining run back to its evaluation)."""
-        self._call(lambda: self.client.set_tag(run_id or self.run_id, key, value))
+        self._op("tag", key, value, run_id)
 
     def dataset(self, manifest: dict, context: str) -> None:
         """Log the prepared dataset as the run's input, with the manifest's digest (MLflow datasets)."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+        self._op("dataset", {k: manifest.get(k) for k in ("dataset", "source", "image_size", "num_classes",
+                                                           "counts", "sha256")}, context)
 
+    def _log(self, metrics: dict, step: int | None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step or 0) for k, v in metrics.items()])
+
+    def _artifact(self, path: str, folder: str | None) -> None:
+        self.client.log_artifact(self.run_id, path, folder)
+
+    def _tag(self, key: str, value: str, run_id: str | None) -> None:
+        self.client.set_tag(run_id or self.run_id, key, value)
+
+    def _dataset(self, manifest: dict, context: str) -> None:
         import hashlib
 
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
         # One digest for both splits, from the manifest's per-split sha256 of the arrays.
-        digest = hashlib.sha256(json.dumps(manifest.get("sha256", {}), sort_keys=True).encode()).hexdigest()[:16]
-        ds = Dataset(name=manifest.get("dataset", "?"), digest=digest,
-                     source_type="sslpipe", source=json.dumps({"source": manifest.get("source")}),
+        digest = hashlib.sha256(json.dumps(manifest.get("sha256") or {}, sort_keys=True).encode()).hexdigest()[:16]
+        ds = Dataset(name=manifest.get("dataset") or "?", digest=digest, source_type="sslpipe",
+                     source=json.dumps({"source": manifest.get("source")}),
                      schema=json.dumps({"image_size": manifest.get("image_size"), "classes": manifest.get("num_classes")}),
-                     profile=json.dumps(manifest.get("counts", {})))
-        inp = DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])
-        self._call(lambda: self.client.log_inputs(self.run_id, datasets=[inp]))
+                     profile=json.dumps(manifest.get("counts") or {}))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
     def parent(self) -> "StageRun":
         """The pipeline's parent run, to log the report's summary where the UI shows it first."""
@@ -230,44 +251,63 @@ class StageRun:
         return StageRun(self.client if pid else None, pid, self.on_error)
 
 
+def _kill_stale(client, exp_id: str, tags: dict) -> None:
+    """Earlier RUNNING runs of this job (same config, stage, method, seed) were killed (SIGKILL,
+    node failure) before they could close: mark them KILLED now that the job runs again."""
+    if not tags.get("sslpipe.config_hash"):
+        return
+    where = " and ".join(f"tags.`sslpipe.{k}` = {_quote(tags['sslpipe.' + k])}" for k in ("config_hash", "stage", "method", "seed"))
+    for r in _retry(lambda: client.search_runs([exp_id], f"{where} and attributes.status = 'RUNNING'")):
+        _retry(lambda r=r: client.set_terminated(r.info.run_id, "KILLED"))
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
               params: dict | None = None, provenance: dict | None = None) -> Iterator[StageRun]:
     """Open a child run for a job; mark it FINISHED or FAILED when the block ends.
 
     With `tracking.enabled: false` yields a run that logs nothing. When the backend fails and
-    `tracking.on_error` is `continue`, says so on stderr and goes on without tracking.
+    `tracking.on_error` is `continue`, says so on stderr, goes on without tracking and keeps
+    what the job logged in OFFLINE_DIR (see `replay`).
     """
+    from sslpipe import offline
+
     s = settings()
     run = StageRun(None, None)
     if s["enabled"]:
+        tags = {"sslpipe.stage": stage, "sslpipe.method": method or "", "sslpipe.seed": "" if seed is None else str(seed),
+                "sslpipe.dataset": s["dataset"] or "", "sslpipe.config_hash": s["config_hash"] or "",
+                **{f"sslpipe.{k}": str(v) for k, v in (provenance or {}).items()}}
+        name = "/".join(str(p) for p in (stage, method, None if seed is None else f"seed{seed}") if p)
+        record = {"name": name, "tags": tags, "params": params or {}, "settings": s, "ops": []}
         try:
             client = _client(s)
             exp_id = _experiment_id(client, s, create=True)
-            tags = {"sslpipe.stage": stage, "sslpipe.method": method or "", "sslpipe.seed": "" if seed is None else str(seed),
-                    "sslpipe.dataset": s["dataset"] or "", "sslpipe.config_hash": s["config_hash"] or "",
-                    **{f"sslpipe.{k}": str(v) for k, v in (provenance or {}).items()}}
+            _kill_stale(client, exp_id, tags)
             parent = _find_parent(client, exp_id, s["config_hash"])
-            if parent:
-                tags["mlflow.parentRunId"] = parent
-            name = "/".join(str(p) for p in (stage, method, None if seed is None else f"seed{seed}") if p)
-            info = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=name)).info
-            run = StageRun(client, info.run_id, s["on_error"])
+            info = _retry(lambda: client.create_run(
+                exp_id, tags={**tags, **({"mlflow.parentRunId": parent} if parent else {})}, run_name=name)).info
+            run = StageRun(client, info.run_id, s["on_error"], record)
             if params:
                 _log_params(client, run.run_id, params)
         except Exception as exc:
             if s["on_error"] != "continue":
                 raise RuntimeError(f"MLflow tracking at {tracking_uri(s)} failed: {exc}. Fix the tracking URI, "
                                    "or set tracking.on_error: continue (or tracking.enabled: false).") from exc
-            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job",
-                  file=sys.stderr)
-            run = StageRun(None, None)
+            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job "
+                  f"(kept in {OFFLINE_DIR}/ for `sslpipe track-replay`)", file=sys.stderr)
+            run = StageRun(None, None, "continue", record)
+            run.lost = True
+    status = "FINISHED"
     try:
         yield run
     except BaseException:
-        run._call(lambda: run.client.set_terminated(run.run_id, "FAILED"))
+        status = "FAILED"
         raise
-    run._call(lambda: run.client.set_terminated(run.run_id, "FINISHED"))
+    finally:
+        run._call(lambda: run.client.set_terminated(run.run_id, status))
+        if run.lost and run.record is not None:
+            offline.write({**run.record, "status": status})
 
 
 def finish_pipeline(cfg: dict, config_hash: str, status: str) -> None:

@@ -1,0 +1,56 @@
+"""Tracking records kept while MLflow is unreachable, and their replay into MLflow.
+
+With `tracking.on_error: continue`, a job whose backend fails goes on without MLflow, and
+`tracking.stage_run` writes everything the job logged (tags, params, metrics with their steps,
+artifacts, dataset, final status) as one JSON file in OFFLINE_DIR of the working directory.
+`sslpipe track-replay` (`replay`) later puts each record into MLflow as the run it would have
+been, so a dead server loses nothing. Talks to MLflow only through `sslpipe.tracking`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from sslpipe import tracking as tr
+from sslpipe.io import read_json, write_json
+from sslpipe.tracking import OFFLINE_DIR
+
+
+def write(record: dict) -> None:
+    """Keep one job's record (tracking.StageRun.record) in OFFLINE_DIR."""
+    name = record["name"].replace("/", "-")
+    write_json(Path(OFFLINE_DIR) / f"{name}-{record['tags']['sslpipe.config_hash'] or 'nohash'}-{time.time_ns()}.json",
+               record)
+
+
+def replay(directory: str | os.PathLike = OFFLINE_DIR, uri: str | None = None) -> list[str]:
+    """Put every record a job kept while MLflow was unreachable into MLflow (at `uri`, else the
+    record's own tracking URI), as the run it would have been: same tags, params, metrics (with
+    their steps), artifacts and dataset, under the pipeline's parent run (created if missing).
+    Replayed records move to `directory`/replayed/. Returns the new run ids."""
+    done, out = Path(directory) / "replayed", []
+    for path in sorted(Path(directory).glob("*.json")):
+        rec = read_json(path)
+        s = {**rec["settings"], "uri": uri or rec["settings"].get("uri")}
+        client = tr._client(s, uri)
+        exp_id = tr._experiment_id(client, s, create=True)
+        h = rec["tags"].get("sslpipe.config_hash")
+        parent = tr._find_parent(client, exp_id, h)
+        if parent is None and h:
+            parent = tr._retry(lambda: client.create_run(exp_id, run_name=f"pipeline-{h}", tags={
+                "sslpipe.pipeline": "true", "sslpipe.config_hash": h, "sslpipe.dataset": rec["tags"]["sslpipe.dataset"],
+                "sslpipe.git_commit": rec["tags"].get("sslpipe.git_commit", "unknown")})).info.run_id
+        tags = {**rec["tags"], "sslpipe.replayed": "true", **({"mlflow.parentRunId": parent} if parent else {})}
+        run_id = tr._retry(lambda: client.create_run(exp_id, tags=tags, run_name=rec["name"])).info.run_id
+        tr._log_params(client, run_id, rec["params"])
+        run = tr.StageRun(client, run_id)
+        for kind, *args in rec["ops"]:
+            if kind == "tag" and args[2] is not None:  # a link to a run that never reached MLflow
+                continue
+            tr._retry(lambda kind=kind, args=args: getattr(run, f"_{kind}")(*args))
+        tr._retry(lambda: client.set_terminated(run_id, rec.get("status", "FINISHED")))
+        done.mkdir(parents=True, exist_ok=True)
+        path.rename(done / path.name)
+        out.append(run_id)
+    return out
