@@ -37,12 +37,14 @@ THREADS = 1
 TINY = {
     "name": "resume",
     "seeds": [0],
-    "methods": ["simclr", "moco"],
+    "methods": sorted(METHODS),  # every registered method, so a rewritten or new one is covered
     "device": "cpu",
     "data": {"source": "digits", "image_size": 16, "max_train": 192, "max_test": 60},
     "model": {"width": 8},
     "pretrain": {"epochs": 12, "batch_size": 64, "warmup_epochs": 0},
     "moco": {"queue_size": 128},
+    "pirl": {"grid": 2, "num_negatives": 64},
+    "cd": {"langevin_steps": 3, "buffer_size": 128},
     "evaluate": {"probe_steps": 30, "weight_decays": [0.0, 0.001], "baselines": []},
     "augment": {"benchmark_images": 64},
     "tracking": {"enabled": False},
@@ -116,7 +118,8 @@ def interrupting(base: type, stops: dict[int, str]) -> type:
     return Interrupting
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_resume_after_signals_equals_an_uninterrupted_run(tiny, clean, method, monkeypatch, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "checkpoints" / "checkpoint.pt"
     args = (tiny["cfg"], method, 0, tiny["data_dir"], tiny["policies"][method], out)
@@ -205,6 +208,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_resumes_from_the_periodic_checkpoint(tiny, clean, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ck" / "checkpoint.pt"
     env = {**os.environ, "SSLPIPE_TRACKING": NO_TRACKING}
@@ -268,6 +272,7 @@ def comparable(metrics_path: Path) -> dict:
     return {k: v for k, v in metrics.items() if not k.endswith("_s") and not k.endswith("run_id")}
 
 
+@pytest.mark.slow
 def test_snakemake_sigterm_then_rerun_equals_a_clean_run(tmp_path):
     """SLURM's preemption: SIGTERM to every process of the job, Snakemake included. The rerun
     resumes the pretrain job from its checkpoint; its metrics equal those of a clean run."""
