@@ -1,7 +1,8 @@
 """Multi-process (DDP) pretraining: small free functions over torch.distributed.
 
 `torchrun --nproc_per_node N -m sslpipe pretrain ...` starts N processes with RANK, LOCAL_RANK
-and WORLD_SIZE in their environment; `init` joins them into one process group (NCCL on CUDA,
+and WORLD_SIZE in their environment (across M nodes, `srun torchrun --nnodes M --rdzv-backend c10d
+...` on each node: WORLD_SIZE = M * N, RANK global, LOCAL_RANK the GPU on its node); `init` joins them into one process group (NCCL on CUDA,
 one GPU per process: cuda:LOCAL_RANK; gloo on the CPU). Without torchrun nothing is set up and
 every helper here is the identity, so a plain `python -m sslpipe pretrain` runs exactly as a
 single process always did.
@@ -40,9 +41,14 @@ def init(device_pref: str = "auto") -> None:
     if not launched() or dist.is_initialized():
         return
     cuda = device_pref != "cpu" and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" now means this GPU
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:  # LOCAL_RANK: the rank within this node (across nodes RANK goes on from node to node)
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(gpu)  # "cuda" now means this GPU
+        # device_id binds NCCL's communicator to this GPU, so barrier() and all_gather_object
+        # never guess a GPU from the global rank (wrong on a node whose ranks do not start at 0).
+        dist.init_process_group("nccl", device_id=gpu)
+    else:
+        dist.init_process_group("gloo")
     atexit.register(teardown)
 
 
