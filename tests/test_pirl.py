@@ -1,5 +1,6 @@
-"""Tests for PIRL (sslpipe.methods.pirl): h and L_NCE against explicit loops, the jigsaw, the
-memory bank update, gradients, and a one-epoch pretrain run."""
+"""Tests for PIRL (sslpipe.methods.pirl): h and L_NCE against explicit loops, the jigsaw and its
+per-tile augmentation, PIRL.loss against the loss computed by hand, the negatives (never the
+image's own entry), the memory bank update, gradients, a learning test and a one-epoch pretrain run."""
 from __future__ import annotations
 
 import csv
@@ -10,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from sslpipe import data, pretrain
-from sslpipe.augment import jigsaw, to_float, unjigsaw
+from sslpipe.augment import color_jitter, crop_flip, grayscale, jigsaw, jigsaw_view, to_float, unjigsaw
 from sslpipe.config import resolve
+from sslpipe.evaluate import knn_predict
 from sslpipe.io import write_json
 from sslpipe.methods import METHODS
-from sslpipe.methods import pirl as pirl_mod
-from sslpipe.methods.pirl import PIRL, h, l_nce, l_pirl
+from sslpipe.methods.pirl import PIRL, h, l_nce, l_pirl, negative_mask
 from sslpipe.models import build_encoder
 
 MANIFEST = {"mean": [0.5] * 3, "std": [0.25] * 3}
@@ -125,7 +126,39 @@ def test_unknown_mode_and_missing_num_data_fail():
         h(a, b, negs, 0.1, "nope")
 
 
-# ----------------------------------------------------------------------------- jigsaw and preview
+@pytest.mark.parametrize("mode,tau", MODES)
+def test_masked_negatives_are_each_rows_own_d_n(mode, tau):
+    # keep: row n's D_N among the K candidates; the reference loops over that row's list only.
+    a, b, _, negs = rand_inputs(n=5, k=7, seed=4)
+    keep = torch.rand(5, 7, generator=torch.Generator().manual_seed(0)) < 0.7
+    keep[:, 0] = True
+    got_h = h(a, b, negs, tau, mode, num_data=100, keep=keep)
+    got = l_nce(a, b, negs, tau, mode, num_data=100, keep=keep)
+    for i in range(5):
+        row = negs[keep[i]]
+        assert got_h[i].item() == pytest.approx(ref_h(a[i], b[i], row, tau, mode, 100), rel=1e-9)
+        assert got[i].item() == pytest.approx(ref_l_nce(a[i], b[i], row, tau, mode, 100), rel=1e-8)
+
+
+def test_negative_mask_never_keeps_the_images_own_entry_and_keeps_k():
+    torch.manual_seed(0)
+    num_train, k = 20, 6
+    hits = 0
+    for _ in range(200):
+        cand = torch.randperm(num_train)[: k + 1]
+        idx = torch.randperm(num_train)[:8]
+        keep = negative_mask(cand, idx)
+        assert keep.shape == (8, k + 1) and (keep.sum(1) == k).all()
+        for i in range(8):
+            kept = cand[keep[i]].tolist()
+            assert idx[i].item() not in kept and len(set(kept)) == k
+            hits += idx[i].item() in cand.tolist()
+            if idx[i].item() not in cand.tolist():
+                assert kept == cand[:k].tolist()  # the first K: uniform over K-subsets without I
+    assert hits > 100  # the own entry was a candidate often, so the exclusion was exercised
+
+
+# ----------------------------------------------------------------------------- jigsaw and its tiles
 def test_jigsaw_permutes_patches_and_is_invertible():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 10, 10)  # 10 is not divisible by 3: the jigsaw uses the top-left 9 x 9
@@ -140,19 +173,53 @@ def test_jigsaw_permutes_patches_and_is_invertible():
     assert torch.equal(unjigsaw(patches, perm), x[:, :, :9, :9])
 
 
-def test_preview_shows_the_view_and_its_shuffled_patches():
+VIEWS = {"crop_scale": [0.2, 1.0], "crop_ratio": [0.75, 1.3333333], "flip_p": 0.5, "jitter_p": 1.0, "jitter_strength": 0.5,
+         "grayscale_p": 0.5, "blur_p": 0.0, "solarize_p": 0.0}
+
+
+def test_tiles_get_independent_augmentation_parameters():
+    torch.manual_seed(0)
+    x = torch.rand(5, 3, 20, 20)
+    grid, size, crop = 2, 20, 0.75
+    tiled, p = jigsaw_view(x, grid, size, VIEWS, (0.6, 1.0), crop)
+    assert tiled.shape == (5, 3, 20, 20)
+    per_image = {k: p[k].reshape(5, 4, *p[k].shape[1:]) for k in ("tile_box", "brightness", "hue", "flip", "gray")}
+    # Within one image, tiles differ in their place in the cell and in their colour jitter.
+    for n in range(5):
+        offsets = per_image["tile_box"][n, :, :2] - p["box"][n, :2]
+        assert len({tuple(o.tolist()) for o in offsets}) == 4
+        assert len(set(per_image["brightness"][n].tolist())) == len(set(per_image["hue"][n].tolist())) == 4
+    assert 0 < p["flip"].float().mean() < 1 and p["gray"].any() and not p["gray"].all()
+    # Each tile is a tile_crop box inside its cell of the image's crop ...
+    x0, y0, w, h = (t.repeat_interleave(4) for t in p["box"].unbind(1))
+    col, row = torch.arange(4).repeat(5) % grid, torch.arange(4).repeat(5) // grid
+    tb = p["tile_box"]
+    torch.testing.assert_close(tb[:, 2], w * crop / grid)
+    torch.testing.assert_close(tb[:, 3], h * crop / grid)
+    assert (tb[:, 0] >= x0 + w * col / grid - 1e-4).all() and (tb[:, 0] + tb[:, 2] <= x0 + w * (col + 1) / grid + 1e-4).all()
+    assert (tb[:, 1] >= y0 + h * row / grid - 1e-4).all() and (tb[:, 1] + tb[:, 3] <= y0 + h * (row + 1) / grid + 1e-4).all()
+    # ... and is exactly that tile augmented alone with its own parameters, in place in its cell.
+    for t in range(20):
+        n, j = divmod(t, 4)
+        one = crop_flip(x[n:n + 1], tb[t:t + 1], p["flip"][t:t + 1], 10)
+        one = color_jitter(one, *(p[k][t:t + 1] for k in ("brightness", "contrast", "saturation", "hue", "order")))
+        one = grayscale(one, p["gray"][t:t + 1])
+        r, c = divmod(j, grid)
+        torch.testing.assert_close(tiled[n:n + 1, :, 10 * r:10 * r + 10, 10 * c:10 * c + 10], one)
+
+
+def test_preview_shows_the_view_the_tiles_and_their_shuffle():
     cfg = resolve({})["pirl"]
     policy = PIRL.policy(cfg, 10)
-    assert policy["jigsaw"] == {"grid": 3} and policy["n_views"] == 1 and policy["method"] == "pirl"
+    assert policy["jigsaw"] == {"grid": 3, "scale": [0.6, 1.0], "tile_crop": 0.75} and policy["method"] == "pirl"
     torch.manual_seed(0)
     x = torch.rand(4, 3, 10, 10)
-    view, shuffled = PIRL.preview(policy, x)
-    assert view.shape == shuffled.shape == x.shape
+    view, tiled, shuffled = PIRL.preview(policy, x)
+    assert view.shape == tiled.shape == shuffled.shape == x.shape
     assert 0 <= shuffled.min() and shuffled.max() <= 1
-    # The uncovered border is the view's; the 3 x 3 grid holds the view's patches, reordered.
-    assert torch.equal(shuffled[:, :, 9:], view[:, :, 9:]) and torch.equal(shuffled[:, :, :, 9:], view[:, :, :, 9:])
+    # The same nine tiles, moved: every shuffled cell is one of the in-place cells.
     ident = torch.arange(9).expand(4, 9)
-    orig, _ = jigsaw(view, 3, ident)
+    orig, _ = jigsaw(tiled, 3, ident)
     moved, _ = jigsaw(shuffled, 3, ident)
     for n in range(4):
         used = set()
@@ -160,48 +227,64 @@ def test_preview_shows_the_view_and_its_shuffled_patches():
             match = [i for i in range(9) if torch.equal(moved[n, j], orig[n, i]) and i not in used]
             assert match, (n, j)
             used.add(match[0])
-    assert not torch.equal(shuffled, view)
+    assert not torch.equal(shuffled, tiled)
 
 
 # ----------------------------------------------------------------------------- the module
-def make_pirl(num_train=40, **overrides) -> PIRL:
-    cfg = {**resolve({})["pirl"], **overrides}
-    encoder = build_encoder({"backbone": "small_cnn", "width": 8}, MANIFEST)
-    return PIRL(encoder, cfg, PIRL.policy(cfg, 24), num_train)
+def make_pirl(num_train=40, size=24, width=8, views=None, **overrides) -> PIRL:
+    cfg = {**resolve({"pirl": {"views": views or {}}})["pirl"], **overrides}
+    encoder = build_encoder({"backbone": "small_cnn", "width": width}, MANIFEST)
+    return PIRL(encoder, cfg, PIRL.policy(cfg, size), num_train)
 
 
-def test_bank_update_is_the_configured_average_and_loss_uses_old_entries(monkeypatch):
+@pytest.mark.parametrize("mode", ["softmax", "paper"])
+def test_loss_equals_the_paper_loss_by_hand_and_the_bank_update(mode):
+    """One step of PIRL.loss = the loss written out by hand from the same f, g, bank and draw of
+    negatives: each image's D_N is the K+1 candidates without its own entry (or the first K)."""
     torch.manual_seed(0)
-    method = make_pirl(num_train=40, bank_momentum=0.3, num_negatives=10_000, temperature=0.2, lambda_=0.4)
-    assert method.num_negatives == 40  # capped: the negatives are the whole bank, in random order
-    method.views = lambda x, n=None: [to_float(x)]  # deterministic view, so f(v_I) can be recomputed
-    seen = {}
-
-    def recording_jigsaw(v, grid, perm=None):
-        seen["patches"], p = jigsaw(v, grid, perm)
-        return seen["patches"], p
-
-    monkeypatch.setattr(pirl_mod, "jigsaw", recording_jigsaw)
-    x = torch.randint(0, 256, (8, 3, 24, 24), dtype=torch.uint8)
-    idx = torch.tensor([3, 0, 17, 39, 8, 22, 5, 30])
-    old = method.bank.clone()
+    num_train, k = 12, 8
+    method = make_pirl(num_train=num_train, bank_momentum=0.3, num_negatives=k, temperature=0.2, lambda_=0.4, nce=mode)
+    out = {}
+    method.f.register_forward_hook(lambda mod, i, o: out.__setitem__("f", o.detach().double()))
+    method.g.register_forward_hook(lambda mod, i, o: out.__setitem__("g", o.detach().double()))
+    x = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    idx = torch.tensor([3, 0, 11, 7, 8, 5])
+    old = method.bank.clone().double()
     loss, logs = method.loss(x, idx)
-
-    with torch.no_grad():  # train mode, same batches: BatchNorm gives the same outputs
-        f = method.f(method.encoder(to_float(x)))
-        patches = seen["patches"]
-        g = method.g(method.encoder(patches.flatten(0, 1)).reshape(8, -1))
-    assert patches.shape == (8, 9, 3, 8, 8)
-    want_loss = l_pirl(old[idx], f, g, old, 0.2, 0.4, "softmax")
-    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-5, atol=1e-5)
+    cand = method.last_candidates.tolist()
+    assert len(set(cand)) == k + 1 and any(i in cand for i in idx.tolist())
+    f, g = out["f"], out["g"]
+    tau, lam, want = 0.2, 0.4, 0.0
+    log_z = method.log_z.item() if mode == "paper" else 0.0
+    for i, own in enumerate(idx.tolist()):
+        negs = [old[c] for c in cand if c != own][:k]
+        assert len(negs) == k
+        terms = []
+        for b in (g[i], f[i]):
+            if mode == "softmax":
+                terms.append(ref_l_nce(old[own], b, negs, tau, mode, num_train))
+            else:  # exp(s/tau) / Z against the constant K / N_data, by hand
+                def hp(u, v):
+                    e = math.exp(ref_cos(u, v) / tau - log_z)
+                    return e / (e + k / num_train)
+                terms.append(-math.log(hp(old[own], b)) - sum(math.log(1 - hp(b, m)) for m in negs))
+        want += (lam * terms[0] + (1 - lam) * terms[1]) / len(idx)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    # The bank: the configured average of the old entry and the normalised f(v_I), nothing else.
     want_rows = F.normalize(0.3 * old[idx] + 0.7 * F.normalize(f, dim=1), dim=1)
-    torch.testing.assert_close(method.bank[idx], want_rows)
-    rest = torch.ones(40, dtype=torch.bool)
+    torch.testing.assert_close(method.bank[idx].double(), want_rows, rtol=1e-5, atol=1e-6)
+    rest = torch.ones(num_train, dtype=torch.bool)
     rest[idx] = False
-    assert torch.equal(method.bank[rest], old[rest])
-    assert not torch.allclose(method.bank[idx], old[idx])
-    torch.testing.assert_close(logs["bank_sim"], (F.normalize(f, dim=1) * old[idx]).sum(1).mean())
-    assert logs["bank_sim"].shape == ()
+    assert torch.equal(method.bank[rest].double(), old[rest])
+    assert logs["bank_sim"].item() == pytest.approx((F.normalize(f, dim=1) * old[idx]).sum(1).mean().item(), rel=1e-5)
+
+
+def test_with_a_small_bank_every_negative_set_is_the_whole_bank_but_the_image():
+    torch.manual_seed(0)
+    method = make_pirl(num_train=10, num_negatives=10_000)
+    assert method.num_negatives == 9
+    method.loss(torch.randint(0, 256, (4, 3, 24, 24), dtype=torch.uint8), torch.arange(4))
+    assert sorted(method.last_candidates.tolist()) == list(range(10))
 
 
 @pytest.mark.parametrize("mode", ["softmax", "paper"])
@@ -222,7 +305,53 @@ def test_bank_is_a_normalised_buffer_in_the_state_dict():
     state = method.state_dict()
     assert state["bank"].shape == (16, 12)
     torch.testing.assert_close(state["bank"].norm(dim=1), torch.ones(16))
-    assert method.num_negatives == 16
+    assert method.num_negatives == 15
+
+
+def tinted_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Real images with a nuisance: scikit-learn's digits at 16 px, each tinted by a random RGB
+    colour (uint8 N x 3 x 16 x 16). A random encoder's features follow the tint."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    g = torch.Generator().manual_seed(0)
+    x = F.interpolate(torch.from_numpy(d.images).float()[:, None] / 16.0, size=16, mode="bilinear", align_corners=False)
+    x = (x * (0.2 + 0.8 * torch.rand(len(x), 3, 1, 1, generator=g)) * 255).round().clamp(0, 255).to(torch.uint8)
+    return x, torch.from_numpy(d.target).long()
+
+
+def knn_top1(encoder, xtr, ytr, xte, yte) -> float:
+    encoder.eval()
+    with torch.no_grad():
+        ftr, fte = encoder(to_float(xtr)), encoder(to_float(xte))
+    encoder.train()
+    return (knn_predict(ftr, ytr, fte, 10, 20, 0.07) == yte).float().mean().item()
+
+
+def test_pirl_learns_on_tinted_digits():
+    """The learning test: a few seconds of PIRL on one thread lift kNN top-1 clearly above the
+    same encoder at its random init; a loss trained backwards, or without its positives, does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        x, y = tinted_digits()
+        test = torch.arange(len(x)) % 5 == 0
+        xtr, ytr, xte, yte = x[~test], y[~test], x[test], y[test]
+        views = {"crop_scale": [0.5, 1.0], "flip_p": 0.0}
+        m = make_pirl(num_train=len(xtr), size=16, grid=2, views=views, num_negatives=256, temperature=0.2)
+        random_init = knn_top1(m.encoder, xtr, ytr, xte, yte)
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        for _ in range(100):
+            idx = torch.randint(0, len(xtr), (128,))
+            loss, _ = m.loss(xtr[idx], idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        trained = knn_top1(m.encoder, xtr, ytr, xte, yte)
+    finally:
+        torch.set_num_threads(threads)
+    assert trained > random_init + 0.15, (random_init, trained)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -330,6 +330,58 @@ def unjigsaw(patches: Tensor, perm: Tensor) -> Tensor:
     return ordered.reshape(n, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(n, c, grid * ph, grid * pw)
 
 
+def jigsaw_view(x: Tensor, grid: int, image_size: int, views: dict, scale: tuple[float, float],
+                tile_crop: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """PIRL's jigsaw input, each tile augmented on its own (Misra & van der Maaten 2020, sec. 4).
+
+    x: N x C x H x W float in [0, 1] -> N x C x S x S, S = grid * (image_size // grid): the image
+    whose grid cells are the tiles, in place (`jigsaw` then cuts and shuffles them), and the
+    parameters drawn. One random resized crop of each image (area ~ U(scale), `views`' ratio)
+    is split into grid x grid cells; in every cell, a box of `tile_crop` of the cell's side at a
+    uniformly random position is resampled to the cell's pixels (the paper's 64 px of an 85 px
+    cell: tiles do not touch, so edges cannot be matched), mirrored with `views`' flip_p, colour
+    jittered and greyed with `views`' probabilities, all with per-tile random parameters: one
+    `crop_flip` and one `color_jitter` over the N * P tiles (P = grid^2). Blur and solarisation
+    are not applied to tiles.
+    Params: box (N x 4, the crop), tile_box (N*P x 4, in input pixels), flip, brightness,
+    contrast, saturation, hue, order, gray (per tile, N*P rows, image-major).
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float().contiguous()
+        n, c, height, width = x.shape
+        p, cell, dev = grid * grid, image_size // grid, x.device
+        photo = ViewPipeline(views, cell)
+        params = photo.sample(n * p, height, width, dev)   # per tile: flip and the photometric draws
+        box = sample_crops(n, height, width, tuple(scale), tuple(views["crop_ratio"]), dev)  # N x 4
+        rc = torch.arange(p, device=dev)
+        col, row = (rc % grid).float(), (rc // grid).float()            # P, row-major cells
+        off = torch.rand(n, p, 2, device=dev) * (1 - tile_crop)         # offset in the cell, in cells
+        x0, y0, w, h = (t[:, None] for t in box.unbind(1))              # N x 1 each
+        tile_box = torch.stack([x0 + w * (col + off[..., 0]) / grid, y0 + h * (row + off[..., 1]) / grid,
+                                (w * tile_crop / grid).expand(n, p), (h * tile_crop / grid).expand(n, p)], -1)
+        tile_box = tile_box.reshape(n * p, 4)
+        tiles = crop_flip(x.repeat_interleave(p, 0), tile_box, params["flip"], cell)  # N*P x C x cell x cell
+        if photo.jitter_on:
+            tiles = color_jitter(tiles, params["brightness"], params["contrast"], params["saturation"],
+                                 params["hue"], params["order"])
+        if views["grayscale_p"] > 0:
+            tiles = grayscale(tiles, params["gray"])
+        keys = ("flip", "brightness", "contrast", "saturation", "hue", "order", "gray")
+        out = {"box": box, "tile_box": tile_box, **{k: params[k] for k in keys}}
+        identity = rc.expand(n, p)
+        return unjigsaw(tiles.reshape(n, p, c, cell, cell), identity), out
+
+
+def patch_mask(n: int, h: int, w: int, mask_ratio: float, mask_patch: int, device=None) -> Tensor:
+    """Per-sample random patch mask, True where a pixel is masked: N x 1 x H x W bool.
+
+    Each mask_patch x mask_patch cell (the last row/column cut to fit) is masked independently
+    with probability mask_ratio (the masked-autoencoder corruption, He et al. 2022)."""
+    gh, gw = math.ceil(h / mask_patch), math.ceil(w / mask_patch)
+    masked = torch.rand(n, 1, gh, gw, device=device) < mask_ratio
+    return masked.repeat_interleave(mask_patch, 2).repeat_interleave(mask_patch, 3)[:, :, :h, :w]
+
+
 def corrupt(x: Tensor, kind: str, *, noise_std: float = 0.3, mask_ratio: float = 0.5,
             mask_patch: int = 4, salt_pepper: float = 0.2) -> Tensor:
     """Corrupt a float batch in [0, 1] for a denoising autoencoder (per-sample random noise).
