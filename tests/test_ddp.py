@@ -126,6 +126,7 @@ def one_rank() -> dict:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STEP_METHODS)
 def test_one_step_on_two_processes_equals_one_process(two_ranks, one_rank, name):
     single, ranks = one_rank[name], [r[name] for r in two_ranks]
@@ -141,6 +142,7 @@ def test_one_step_on_two_processes_equals_one_process(two_ranks, one_rank, name)
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in grads)
 
 
+@pytest.mark.slow
 def test_moco_queue_holds_every_ranks_keys_on_every_rank(two_ranks, one_rank):
     q0, q1, single = two_ranks[0]["moco"], two_ranks[1]["moco"], one_rank["moco"]
     assert torch.equal(q0["buf.queue"], q1["buf.queue"]) and int(q0["buf.queue_ptr"]) == int(q1["buf.queue_ptr"]) == B
@@ -149,6 +151,7 @@ def test_moco_queue_holds_every_ranks_keys_on_every_rank(two_ranks, one_rank):
     torch.testing.assert_close(q0["buf.queue"][B:], single["buf.queue"][B:], rtol=0, atol=0)  # untouched
 
 
+@pytest.mark.slow
 def test_pirl_memory_bank_gets_every_ranks_updates(two_ranks, one_rank):
     b0, b1, single = two_ranks[0]["pirl"]["buf.bank"], two_ranks[1]["pirl"]["buf.bank"], one_rank["pirl"]["buf.bank"]
     assert torch.equal(b0, b1)
@@ -295,6 +298,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_torchrun_cli_writes_outputs_once_and_they_load(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -330,6 +334,7 @@ def test_torchrun_cli_writes_outputs_once_and_they_load(tmp_path):
         [float(r["loss"]) for r in rows])
 
 
+@pytest.mark.slow
 def test_rule_launches_torchrun_and_asks_for_one_gpu_per_process(tmp_path):
     """Dry run: 2 processes ask for 2 GPUs and 2 threads, and run under torchrun."""
     (tmp_path / "tiny.yaml").write_text(json.dumps(dict(TINY, tracking={"enabled": False})))

@@ -5,8 +5,10 @@ report, re-run behaviour. It takes about a minute on 2 cores.
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the real workflow end to end: minutes (pytest -m "not slow" skips it)
 METHODS = ["simclr", "moco", "pirl", "dae", "cd"]
 BASELINES = ["pixels", "random", "supervised"]
 TINY = {
@@ -73,7 +76,9 @@ def test_every_stage_writes_its_outputs(pipeline):
         assert history[0].startswith("epoch,loss,lr,images_per_s") and len(history) == 3
         assert "val_knn_top1" in history[0].split(",")  # the (validation) kNN monitor ran every epoch
         metrics = json.loads((r / f"linear_eval/{m}/seed0/metrics.json").read_text())
-        assert metrics["encoder_unchanged"] is True and 0.0 <= metrics["linear_top1"] <= 1.0
+        # Well above chance (0.1): a collapsed or non-finite encoder scores about 0.1. (Beating the
+        # random-init encoder is each method's learning test; 2 epochs here do not show it reliably.)
+        assert metrics["encoder_unchanged"] is True and 0.25 < metrics["linear_top1"] <= 1.0, (m, metrics)
     for b in BASELINES:
         metrics = json.loads((r / f"linear_eval/{b}/seed0/metrics.json").read_text())
         assert metrics["kind"] == "baseline"
@@ -103,7 +108,7 @@ def test_mlflow_has_a_run_for_every_job(pipeline):
         if run is not parent:
             assert run.info.status == "FINISHED"
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
-            assert run.data.tags["sslpipe.git_commit"]
+            assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", run.data.tags["sslpipe.git_commit"])  # not "unknown"
     # The UI's model-training view; runs named stage/method/seed; encoders and datasets logged;
     # evaluations and pretraining runs linked both ways; the comparison on the parent run.
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -132,10 +137,13 @@ def test_mlflow_has_a_run_for_every_job(pipeline):
 def test_report_names_every_method_and_baseline(pipeline):
     work, _, _ = pipeline
     html = (results(work) / "report/report.html").read_text()
-    for name in METHODS + BASELINES:
-        assert name in html
-    summary = (results(work) / "report/summary.csv").read_text().splitlines()
-    assert {line.split(",")[0] for line in summary[1:]} == set(METHODS + BASELINES)
+    text = re.sub(r"base64,[A-Za-z0-9+/=]+", "", html)  # "cd" occurs inside the pictures' bytes
+    with open(results(work) / "report/summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    names = [r["name"] for r in rows]  # one row per method and baseline
+    assert sorted(names) == sorted(METHODS + BASELINES)
+    for name in names:
+        assert re.search(rf"\b{name}\b", text), name
 
 
 def test_rerun_with_nothing_changed_does_nothing(pipeline):

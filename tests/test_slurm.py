@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from test_pipeline import REPO, TINY, snakemake, write_config
+pytestmark = pytest.mark.slow  # the real workflow end to end: minutes (pytest -m "not slow" skips it)
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 # One method, no baselines, up to its metrics: each stage is one more wave of jobs and one more

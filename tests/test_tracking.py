@@ -120,6 +120,7 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_concurrent_jobs_lose_nothing(store):
     """Several jobs writing to the default SQLite store at once (what `snakemake --cores N` does)."""
     import mlflow
@@ -208,6 +209,7 @@ def mlflow_server(tmp_path, http_env):
             proc.wait()
 
 
+@pytest.mark.slow
 def test_tracking_server(mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
