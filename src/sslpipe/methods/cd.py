@@ -1,28 +1,50 @@
-"""Energy-based model trained by (persistent) contrastive divergence.
+"""Energy-based model trained by (persistent) contrastive divergence, as JEM and IGEBM train one.
 
-Contrastive divergence (Hinton 2002) lowers the energy E_theta(x) on data and raises it on
-negatives drawn from the model by a short MCMC run started at the data; persistent CD
-(Tieleman 2008) keeps the chains alive across updates instead. Following Du & Mordatch (2019,
-"Implicit Generation and Modeling with Energy-Based Models") the sampler is Langevin dynamics
-in pixel space, the persistent chains live in a replay buffer with a few restarted from
-uniform noise each batch, and a small penalty on E^2 keeps the energies from drifting. The
-energy is a linear head on the encoder's features, which are what evaluation uses (the
-energy-based view of SSL in the NYU Deep Learning course notes).
+E_theta(x) = h(f(x)): a small SiLU MLP h on the encoder's pooled features f(x), which are what
+evaluation uses. Training lowers E on data and raises it on negatives drawn from the model
+(Hinton 2002, contrastive divergence): `mode: cd` starts each chain at the data point plus a
+kick, `mode: pcd` keeps persistent chains in a replay buffer (Tieleman 2008; Du & Mordatch
+2019, "Implicit Generation and Modeling with Energy-Based Models" = IGEBM), restarting a
+`reinit_fraction` of them each step. The sampler is SGLD as in JEM (Grathwohl et al. 2020,
+"Your Classifier is Secretly an Energy Based Model and You Should Treat it Like One"):
+x <- x - step_size dE/dx + noise_std eps, 20 steps of step 1 and noise 0.01, a 10k buffer with
+5 % restarts, small Gaussian noise on the data; IGEBM's alpha (E+^2 + E-^2) keeps energies finite.
+Restarts (`restart`): `colour` = per-pixel Gaussian noise with the batch's mean image and its
+3x3 colour covariance (grey digits give grey noise, photos photo-coloured noise), clamped to
+[0, 1]; `uniform` = JEM's U[0, 1] noise.
 
-DDP (several processes): gradients are averaged and BatchNorm spans the global batch
-(pretrain.py), but each rank keeps its own replay buffer (its chains, its restarts): the
-buffers start equal and then drift apart, which only diversifies the negatives. Rank 0's
-buffer goes into the checkpoint and every rank resumes from it, so a resumed multi-process
-run is not bit-identical to an uninterrupted one. The grad_clip hooks clip each rank's
-gradient before the average, not the average. A non-finite energy stops all ranks together.
+BatchNorm. Evaluation rebuilds the shared backbone (with BatchNorm) from `model` and compares it
+with the random-init encoder of the same config, so the method keeps that backbone and freezes
+every BatchNorm in eval mode at its initial statistics (mean 0, var 1) for the whole run: each
+BN is then a learned per-channel affine map, as if removed (JEM drops BN), every energy is a
+per-sample function (train-mode BN would make it depend on the batch and erase the shift between
+data and negatives), and the saved encoder, still at those statistics, is exactly the energy
+network that was trained. Departures from the papers: the backbone's ReLU and max-pool stay
+(SiLU only in the heads); no spectral norm (IGEBM), whose reparametrisation would change the
+state dict evaluation loads; the sampler runs under the loop's autocast (x stays fp32).
+
+`objective: hybrid` adds the contrastive energy over pairs of views that the literature uses
+for representations (Kim & Ye 2022, "Energy-Based Contrastive Learning of Visual
+Representations", EBCLR; the energy-based view of SimCLR's NT-Xent): E(v, v') =
+-cos(g(f v), g(f v')) / temperature, trained by InfoNCE with the batch's other views as
+negatives: loss = cd_loss + nce_weight * pair_nce (EBCLR's generative term is our E(x)). The
+shipped configs run `hybrid`: on the CPU budget the pure energy's features stay below the
+random-init encoder's (README). Chains that collapse (negatives' pixel spread across the batch
+below `collapse_ratio` x the data's) stop training with an EnergyError.
+
+DDP: gradients are averaged by pretrain.py; each rank keeps its own replay buffer (rank 0's is
+checkpointed and every rank resumes from it, so a resumed multi-process run is not bit-identical);
+grad_clip clips each rank's gradient before the average. A failed check stops all ranks together.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe import distributed as ddp
@@ -31,38 +53,58 @@ from sslpipe.io import atomic_path, make_grid, save_png
 from sslpipe.methods.shared import view_policy
 from sslpipe.models import Encoder
 
+SAMPLER_KEYS = ("mode", "langevin_steps", "step_size", "noise_std", "init_noise", "restart", "data_noise")
+
 
 class EnergyError(RuntimeError):
-    """The energies became non-finite; the message names the config keys to change."""
+    """The energies became non-finite or the chains collapsed; the message names the keys to change."""
 
 
 def cd_loss(e_pos: Tensor, e_neg: Tensor, alpha: float) -> Tensor:
-    """mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2) (Du & Mordatch 2019).
+    """mean E(x+) - mean E(x-) + alpha (mean E(x+)^2 + mean E(x-)^2) (IGEBM's objective).
 
-    e_pos: N energies of data, e_neg: M energies of negatives (lower = more data-like).
-    The first two terms are the contrastive divergence gradient estimate (Hinton 2002); the
-    alpha term regularises the energy magnitudes, since the difference alone is shift-invariant.
+    e_pos: N energies of data, e_neg: M energies of negatives (lower = more data-like). The
+    difference is the CD gradient estimate; alpha regularises the magnitudes. Its analytic
+    optimum, -1 / (2 alpha) at E+ = -1/(2 alpha), E- = +1/(2 alpha), means data and negatives
+    are perfectly separated: a loss sitting there says the sampler no longer follows the model.
     """
     return e_pos.mean() - e_neg.mean() + alpha * (e_pos.pow(2).mean() + e_neg.pow(2).mean())
 
 
-def langevin(energy_fn: Callable[[Tensor], Tensor], x0: Tensor, steps: int, step_size: float,
-             noise_std: float, bounds: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """K steps of x <- clamp(x - step_size/2 * dE/dx + noise_std * eps, bounds), eps ~ N(0, I).
+def pair_nce(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
+    """InfoNCE over the pair energy E(u, v) = -cos(u, v) / temperature (EBCLR; SimCLR's NT-Xent).
 
-    energy_fn maps a batch (any shape, N first) to N energies. The gradient of the summed
-    energy is each sample's own gradient only if samples do not interact (true for eval-mode
-    BatchNorm, not train-mode). Only x is differentiated (torch.autograd.grad), so no
-    parameter's .grad is touched; x0 is detached and so is the result. Returns fp32.
+    z1, z2: N x D projections of two views. For each of the 2N views v_i with partner v_i+:
+    E(v_i, v_i+) + log sum_{k != i} exp(-E(v_i, v_k)), averaged over the 2N views.
+    """
+    n = len(z1)
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)                  # z: 2N x D
+    logits = z @ z.T / temperature                                        # -E: 2N x 2N
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)  # target: 2N
+    return F.cross_entropy(logits, target)
+
+
+def langevin(energy_fn: Callable[[Tensor], Tensor], x0: Tensor, steps: int, step_size: float,
+             noise_std: float, bounds: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+    """SGLD (JEM): K steps of x <- clamp(x - step_size dE/dx + noise_std eps, bounds), eps ~ N(0, I).
+
+    energy_fn maps a batch (N first) to N energies that do not depend on one another. Only x is
+    differentiated, so no parameter's .grad is touched. Returns (x_K, drift): x_K detached fp32,
+    drift the mean |step_size dE/dx| per pixel over the K steps (0-d); drift / noise_std near 1
+    means the chain samples, >> 1 that it descends the energy.
     """
     lo, hi = bounds
     x = x0.detach().float()
+    drift = x.new_zeros(())
     with torch.enable_grad():  # the sampler needs dE/dx even when called under no_grad
         for _ in range(steps):
             x.requires_grad_(True)
             (grad,) = torch.autograd.grad(energy_fn(x).sum(), x)
-            x = (x.detach() - 0.5 * step_size * grad + noise_std * torch.randn_like(x)).clamp_(lo, hi)
-    return x.detach()
+            move = step_size * grad.float()
+            drift = drift + move.abs().mean()
+            x = (x.detach() - move + noise_std * torch.randn_like(x)).clamp_(lo, hi)
+    return x.detach(), drift / steps
 
 
 def kick(x: Tensor, std: float) -> Tensor:
@@ -70,9 +112,22 @@ def kick(x: Tensor, std: float) -> Tensor:
     return (x + std * torch.randn_like(x)).clamp_(0, 1)
 
 
+def colour_noise(ref: Tensor, n: int) -> Tensor:
+    """n images of per-pixel Gaussian noise with ref's mean image and 3x3 colour covariance.
+
+    ref: M x 3 x H x W in [0, 1] -> n x 3 x H x W in [0, 1] (clamped), fp32.
+    """
+    ref = ref.float()
+    mu = ref.mean(0, keepdim=True)                                        # mu: 1 x 3 x H x W
+    d = (ref - mu).transpose(0, 1).reshape(3, -1)                         # d: 3 x MHW
+    cov = d @ d.T / d.shape[1] + 1e-4 * torch.eye(3, device=ref.device)   # cov: 3 x 3
+    eps = torch.randn(n, *ref.shape[1:], device=ref.device)
+    return (mu + torch.einsum("cd,ndhw->nchw", torch.linalg.cholesky(cov), eps)).clamp_(0, 1)
+
+
 def pcd_draw(buffer_size: int, n: int, reinit_fraction: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """Replay-buffer slots for n chains (distinct when n <= buffer_size, so the write-back is
-    unambiguous) and a mask of those restarted from uniform noise (Du & Mordatch: ~5%)."""
+    unambiguous) and a mask of those to restart (JEM, IGEBM: ~5 %)."""
     if n <= buffer_size:
         slots = torch.randperm(buffer_size, device=device)[:n]
     else:
@@ -80,105 +135,143 @@ def pcd_draw(buffer_size: int, n: int, reinit_fraction: float, device: torch.dev
     return slots, torch.rand(n, device=device) < reinit_fraction
 
 
+def spread(x: Tensor) -> Tensor:
+    """Mean over pixels of the std across the batch (0-d): ~0 when every chain is the same image."""
+    return x.float().std(0).mean()
+
+
 class CD(nn.Module):
     name = "cd"
 
     @staticmethod
     def policy(cfg: dict, image_size: int) -> dict:
-        sampler = {"mode": cfg["mode"], "steps": cfg["langevin_steps"], "step_size": cfg["step_size"],
-                   "noise_std": cfg["noise_std"], "init_noise": cfg["init_noise"]}
-        return view_policy("cd", cfg["views"], image_size, n_views=1, langevin=sampler)
+        return view_policy("cd", cfg["views"], image_size, n_views=2 if cfg["objective"] == "hybrid" else 1,
+                           langevin={k: cfg[k] for k in SAMPLER_KEYS})
 
     @staticmethod
     def preview(policy: dict, x: Tensor) -> list[Tensor]:
-        # A negative needs a trained model, which the augment stage does not have; the second
-        # column shows where a cd-mode chain starts instead: the view plus the init kick.
-        (v,) = ViewMaker(policy)(x, 1)
-        return [v, kick(v, policy["langevin"]["init_noise"])]
+        # Negatives need a trained model; the last column shows where a chain starts instead.
+        views, s = ViewMaker(policy)(x), policy["langevin"]
+        start = kick(views[0], s["init_noise"]) if s["mode"] == "cd" else (
+            colour_noise(views[0], len(x)) if s["restart"] == "colour" else torch.rand_like(views[0]))
+        return [*views, start]
 
     def __init__(self, encoder: Encoder, cfg: dict, policy: dict, num_train: int):
         super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.feat_dim, 1)
+        d = encoder.feat_dim
+        self.encoder, self.cfg = encoder, cfg
+        self.head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))  # h: features -> energy
+        self.hybrid = cfg["objective"] == "hybrid"
+        if self.hybrid:  # g: features -> the pair energy's embedding
+            self.proj = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, cfg["proj_dim"]))
         self.views = ViewMaker(policy)
         self.sampler = dict(policy["langevin"])
-        self.alpha, self.bound, self.reinit_fraction = cfg["alpha"], cfg["energy_bound"], cfg["reinit_fraction"]
         if self.sampler["mode"] == "pcd":
             size = policy["image_size"]
-            # Particles in [0, 1], initialised uniform. fp16 halves fp32's memory and still
-            # resolves <= 2^-11, far below the sampler's noise (0.005); uint8 (1/255) would round
-            # away the small per-step moves of persistent chains.
-            self.register_buffer("buffer", torch.rand(cfg["buffer_size"], 3, size, size).half())
-        # The training loop does not clip and opt.step() follows backward() directly, so clip
-        # where the gradient is made: an element-wise value clip (to +-grad_clip) on every
-        # parameter, applied before it is accumulated into .grad. Langevin's autograd.grad
-        # w.r.t. x never computes parameter gradients, so these hooks do not fire there.
+            # Filled with restart noise at the first step (colour restarts need data). fp16 resolves
+            # <= 2^-11, far below the sampler's noise; uint8 would round away the small moves.
+            self.register_buffer("buffer", torch.zeros(cfg["buffer_size"], 3, size, size).half())
+            self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
+            self._filled = False  # host copy of `filled`: no sync per step
+        # The loop does not clip: an element-wise value clip on every parameter's gradient, applied
+        # as it is made (the sampler's autograd.grad w.r.t. x never fires these hooks).
         c = cfg["grad_clip"]
         for p in self.parameters():
             p.register_hook(lambda g, c=c: g.clamp(-c, c))
 
-    def energy(self, x: Tensor) -> Tensor:  # x: N x 3 x H x W in [0, 1] -> N (fp32)
-        e = self.head(self.encoder(x)).squeeze(1).float()
-        # Soft bound: ~identity for |E| << energy_bound, never beyond it, gradient never exactly 0
-        # (a hard clamp would stop learning on every clipped sample).
-        return self.bound * torch.tanh(e / self.bound)
-
-    def sample(self, x0: Tensor) -> Tensor:
-        """Langevin negatives from starting points x0 (N x 3 x H x W in [0, 1]), fp32, detached."""
-        was_training = self.training
-        # Eval mode: the K sampler forwards must not pull BatchNorm's running statistics towards
-        # negatives, and each sample's energy must not depend on the rest of the batch (see
-        # `langevin`). fp32 even under bf16 autocast: a bf16 dE/dx (8-bit mantissa) is too coarse
-        # for the small pixel moves that the K steps add up.
-        self.eval()
+    @contextmanager
+    def bn_eval(self):
+        """BatchNorm in eval mode (running statistics) inside: every energy is a per-sample function."""
+        bns = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        for m in bns:
+            m.eval()
         try:
-            with torch.autocast(x0.device.type, enabled=False):
-                s = self.sampler
-                return langevin(self.energy, x0, s["steps"], s["step_size"], s["noise_std"])
+            yield
         finally:
-            self.train(was_training)
+            for m in bns:
+                m.train()
+
+    def energy_of(self, h: Tensor) -> Tensor:  # h: N x D features -> N energies (fp32)
+        e = self.head(h).squeeze(1).float()
+        b = self.cfg["energy_bound"]  # soft bound: ~identity for |E| << b, gradient never exactly 0
+        return b * torch.tanh(e / b)
+
+    def energy(self, x: Tensor) -> Tensor:  # x: N x 3 x H x W in [0, 1] -> N (fp32)
+        with self.bn_eval():
+            return self.energy_of(self.encoder(x))
+
+    def restart(self, ref: Tensor, n: int) -> Tensor:
+        return colour_noise(ref, n) if self.sampler["restart"] == "colour" else torch.rand(n, *ref.shape[1:], device=ref.device)
+
+    def sample(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """SGLD negatives and drift from starting points x0 (N x 3 x H x W in [0, 1]), detached."""
+        s = self.sampler
+        return langevin(self.energy, x0, s["langevin_steps"], s["step_size"], s["noise_std"])
+
+    def starts(self, x_pos: Tensor, m: int, reinit_fraction: float) -> tuple[Tensor, Tensor | None]:
+        """m chain starts (and their buffer slots in pcd mode, else None)."""
+        if self.sampler["mode"] == "cd":
+            return kick(x_pos[:m], self.sampler["init_noise"]), None
+        if not self._filled:
+            if not bool(self.filled):
+                self.buffer.copy_(self.restart(x_pos, len(self.buffer)).to(self.buffer.dtype))
+                self.filled.fill_(True)
+            self._filled = True
+        slots, reinit = pcd_draw(len(self.buffer), m, reinit_fraction, x_pos.device)
+        x0 = self.buffer[slots].float()
+        return torch.where(reinit[:, None, None, None], self.restart(x_pos, m), x0), slots
 
     def loss(self, x: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        (x_pos,) = self.views(x, 1)
-        slots = None
-        if self.sampler["mode"] == "pcd":
-            slots, reinit = pcd_draw(len(self.buffer), len(x_pos), self.reinit_fraction, x_pos.device)
-            x0 = self.buffer[slots].float()
-            x0 = torch.where(reinit[:, None, None, None], torch.rand_like(x0), x0)
-        else:
-            x0 = kick(x_pos, self.sampler["init_noise"])
-        x_neg = self.sample(x0)
-        # One forward over data and negatives: train-mode BatchNorm normalising each batch on its
-        # own would erase the shift between them, the very thing the energy has to tell apart.
-        e = self.energy(torch.cat([x_pos, x_neg.to(x_pos.dtype)]))  # e: 2N
+        c = self.cfg
+        views = self.views(x)
+        n = len(views[0])
+        m = min(c["negatives"] or n, n)
+        x_pos = kick(views[0][:m], self.sampler["data_noise"])           # JEM: noisy data
+        x0, slots = self.starts(x_pos, m, c["reinit_fraction"])
+        x_neg, drift = self.sample(x0)
+        e = self.energy(torch.cat([x_pos, x_neg.to(x_pos.dtype)]))        # e: 2M
         e_pos, e_neg = e.chunk(2)
-        # One host sync per step: small next to the K forward/backward passes of the sampler.
-        # Under DDP one collective more, so that every rank raises, not one alone.
-        if ddp.any_rank(not torch.isfinite(e).all(), e.device):
-            raise EnergyError("cd: the energies became non-finite (NaN). Lower cd.step_size, raise cd.alpha, "
-                              "lower cd.grad_clip or pretrain.lr, or use precision: fp32.")
+        spread_ratio = spread(x_neg) / spread(x_pos).clamp_min(1e-6)
+        # One host sync per step (small next to the K sampler passes); under DDP one collective
+        # more, so that every rank raises, not one alone.
+        non_finite, collapsed = torch.stack([~torch.isfinite(e).all(), spread_ratio < c["collapse_ratio"]]).tolist()
+        if ddp.any_rank(non_finite or collapsed, e.device):
+            raise EnergyError(
+                "cd: the energies became non-finite (NaN). Lower cd.step_size, raise cd.alpha, lower cd.grad_clip "
+                "or pretrain.lr, or use precision: fp32." if non_finite else
+                f"cd: the Langevin chains collapsed: the negatives' spread across the batch is {spread_ratio.item():.3f} "
+                f"of the data's (below cd.collapse_ratio = {c['collapse_ratio']}). Lower cd.step_size or pretrain.lr, "
+                "or raise cd.noise_std or cd.alpha." if collapsed else "cd: another process stopped (see its error).")
         if slots is not None:  # only after the check, so a failed step never poisons the buffer
             self.buffer[slots] = x_neg.to(self.buffer.dtype)
-        return cd_loss(e_pos, e_neg, self.alpha), {"e_pos": e_pos.detach().mean(), "e_neg": e_neg.detach().mean()}
+        l_cd = cd_loss(e_pos, e_neg, c["alpha"])
+        with torch.no_grad():
+            e_noise = self.energy(self.restart(x_pos, 16)).mean()
+        logs = {"e_pos": e_pos.mean(), "e_neg": e_neg.mean(), "e_gap": e_pos.mean() - e_neg.mean(),
+                "e_noise": e_noise, "drift_noise": drift / max(self.sampler["noise_std"], 1e-12),
+                "neg_spread": spread_ratio, "l_cd": l_cd}
+        loss = l_cd
+        if self.hybrid:  # the views' forward is the only one with train-mode BatchNorm
+            z = self.proj(self.encoder(torch.cat(views)))                 # z: 2N x proj_dim
+            l_nce = pair_nce(z[:n], z[n:], c["temperature"])
+            loss, logs["l_nce"] = l_cd + c["nce_weight"] * l_nce, l_nce
+        return loss, {k: v.detach().float() for k, v in logs.items()}
 
     def after_step(self) -> None:
         pass
 
     @torch.no_grad()
     def diagnostics(self, x: Tensor, out_dir: str | Path) -> dict[str, float]:
-        """Energy histograms of data, fresh negatives and uniform noise; a grid of negatives."""
+        """Energy histograms of data, fresh negatives and restart noise; data above negatives (grid)."""
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
         was_training = self.training
         self.eval()
         x01 = to_float(x)
-        if self.sampler["mode"] == "pcd":  # a fresh run from the buffer, not written back
-            x0 = self.buffer[pcd_draw(len(self.buffer), len(x01), 0.0, x01.device)[0]].float()
-        else:
-            x0 = kick(x01, self.sampler["init_noise"])
-        x_neg = self.sample(x0)
+        x0, _ = self.starts(x01, len(x01), 0.0)  # pcd: a fresh run from the buffer, not written back
+        x_neg, drift = self.sample(x0)
         energies = {name: self.energy(v).cpu().numpy()
-                    for name, v in (("data", x01), ("negatives", x_neg), ("noise", torch.rand_like(x01)))}
+                    for name, v in (("data", x01), ("negatives", x_neg), ("noise", self.restart(x01, len(x01))))}
         self.train(was_training)
 
         fig = Figure(figsize=(5.5, 3.5))
@@ -191,5 +284,10 @@ class CD(nn.Module):
         out_dir = Path(out_dir)
         with atomic_path(out_dir / "cd_energy_histogram.png") as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        save_png(make_grid(x_neg[:64].float().cpu(), nrow=8), out_dir / "cd_negatives.png")
-        return {f"cd_energy_{name}": float(e.mean()) for name, e in energies.items()}
+        # First row: data; the other seven: negatives. Enlarged (nearest) to >= 512 px tall.
+        tiles = torch.cat([x01[:8], x_neg[:56]]).float().cpu()
+        save_png(make_grid(tiles, nrow=8), out_dir / "cd_negatives.png", min_height=512)
+        out = {f"cd_energy_{name}": float(e.mean()) for name, e in energies.items()}
+        out["cd_drift_noise"] = float(drift) / max(self.sampler["noise_std"], 1e-12)
+        out["cd_neg_spread"] = float(spread(x_neg) / spread(x01).clamp_min(1e-6))
+        return out
