@@ -1,10 +1,16 @@
 """MoCo v2: Momentum Contrast (He et al. 2020) with the improvements of Chen et al. 2020
-("Improved Baselines with Momentum Contrastive Learning": MLP head, stronger views, T = 0.2).
+("Improved Baselines with Momentum Contrastive Learning", arXiv:2003.04297: a 2-layer MLP head
+Linear-ReLU-Linear, without BatchNorm; aug+ = SimCLR's views with Gaussian blur, p = 0.5; T = 0.2).
 
 A query encoder f_q (encoder + MLP head) is trained with InfoNCE (He et al. eq. 1) to match the
 key k_+ of another view of the same image against K negatives: the keys of earlier batches, kept
 in a FIFO queue. The key encoder f_k is a copy of f_q that is never trained by gradients; it
 follows f_q by a momentum update (eq. 2), so the keys in the queue stay consistent.
+
+Departures from the paper: shuffling BN is simulated on one device by BatchNorm groups (see
+`MoCo`); the queue length, temperature and the blur of the views are config keys (the CIFAR
+configs set them from a CIFAR recipe, named there); the optimiser is the pipeline's (the
+paper uses SGD, lr 0.03 at batch 256, on ImageNet).
 """
 from __future__ import annotations
 
@@ -123,7 +129,8 @@ class MoCo(nn.Module):
     def __init__(self, encoder: Encoder, cfg: dict, policy: dict, num_train: int):
         super().__init__()
         self.encoder = encoder
-        self.head = mlp_head(encoder.feat_dim, cfg["proj_hidden"], cfg["proj_dim"])  # MoCo v2's MLP
+        # MoCo v2's MLP head: Linear-ReLU-Linear, no BatchNorm (unlike SimCLR's g).
+        self.head = mlp_head(encoder.feat_dim, cfg["proj_hidden"], cfg["proj_dim"], bn=False)
         # Key encoder: starts as a copy of the query encoder; moves only by the momentum update.
         self.key_encoder = copy.deepcopy(self.encoder)
         self.key_head = copy.deepcopy(self.head)
@@ -156,11 +163,11 @@ class MoCo(nn.Module):
                 k_all = shuffled_forward_ddp(self._key, v_k, groups)  # k_all: W*N x C, every rank's
             k_all = F.normalize(k_all.float(), dim=1)
             k = k_all[ddp.my_rows(len(k_all))]  # k: N x C, this rank's rows (all of them when alone)
-        logits = moco_logits(q, k, self.queue, self.temperature)  # logits: N x (1+K)
-        loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        loss = info_nce(q, k, self.queue, self.temperature)  # the tested loss, on the queue before this batch
         self._new_keys = k_all  # all ranks' keys: the queue stays the same on every rank
         with torch.no_grad():  # how often the positive beats every queued negative
-            acc = (logits.argmax(dim=1) == 0).float().mean()
+            l_pos, l_neg = (q * k).sum(1), (q @ self.queue.T.to(q.dtype)).max(1).values  # N, N
+            acc = (l_pos > l_neg).float().mean()
         return loss, {"pos_top1": acc}
 
     @torch.no_grad()
