@@ -46,6 +46,9 @@ def prepare(data_cfg: dict, out_dir: str | Path) -> dict:
     source = data_cfg["source"]
     if source not in LOADERS:
         raise DataError(f"data.source: unknown source {source!r}; use one of {sorted(LOADERS)}")
+    found = check_source(data_cfg)
+    if found:
+        raise DataError("\n".join(f"{key}: {text}" for key, text in found))
     size, seed = data_cfg["image_size"], data_cfg["split_seed"]
     x_tr, y_tr, x_te, y_te, classes = LOADERS[source](data_cfg)
     loaded = {"train": (x_tr, y_tr, data_cfg.get("max_train")),
@@ -82,6 +85,100 @@ def load_manifest(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: not found; run the prepare stage first")
     return read_json(path)
+
+
+# ----------------------------------------------------------------------------- cheap checks
+def check_source(data_cfg: dict) -> list[tuple[str, str]]:
+    """(config key, problem) for each problem of the data a config points at, found cheaply
+    before any job runs: data.path exists and has the right kind; an npz's keys, shapes and
+    dtypes from its arrays' headers (not its pixels), its labels' range and classes without a
+    training image; an ImageFolder's class directories; a torchvision cache (without download)."""
+    source = data_cfg["source"]
+    try:
+        if source == "npz":
+            return _check_npz(_input_path(data_cfg, want_dir=False), data_cfg)
+        if source == "folder":
+            return _check_folder(_input_path(data_cfg, want_dir=True))
+        if source in TORCHVISION and not data_cfg.get("download"):
+            root = Path(data_cfg.get("path") or f"data/{source}")
+            folder = TORCHVISION[source][1]
+            if not (root / folder).is_dir():
+                return [("data.path", f"no {folder}/ in {root} and data.download is false: set "
+                                      f"data.download: true where internet is available, or place the "
+                                      f"extracted torchvision folder {folder}/ in {root}")]
+    except DataError as e:
+        return [("data.path", str(e).removeprefix("data.path: "))]
+    return []
+
+
+def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one .npy member, read from its header only."""
+    with zf.open(name) as fh:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    return shape, dtype
+
+
+def _check_npz(path: Path, data_cfg: dict) -> list[tuple[str, str]]:
+    if not zipfile.is_zipfile(path):
+        return [("data.path", f"{path}: not a valid .npz file (not a complete zip archive, e.g. truncated); "
+                              "re-create it with np.savez")]
+    out: list[tuple[str, str]] = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = {n.removesuffix(".npy"): n for n in zf.namelist() if n.endswith(".npy")}
+            missing = [k for k in NPZ_KEYS if k not in members]
+            if missing:
+                return [("data.path", f"{path}: missing key(s) {missing}; an npz source needs {list(NPZ_KEYS)} "
+                                      f"(it has {sorted(members)})")]
+            heads = {k: _npy_header(zf, members[k]) for k in NPZ_KEYS}
+            for s in SPLITS:
+                (xs, xd), (ys, yd) = heads[f"x_{s}"], heads[f"y_{s}"]
+                if xd != np.uint8:
+                    out.append(("data.path", f"{path}: x_{s} has dtype {xd}; store uint8 pixels 0..255"))
+                if not (len(xs) == 3 or (len(xs) == 4 and xs[-1] == 3)):
+                    out.append(("data.path", f"{path}: x_{s} has shape {xs}; expected (N,H,W,3) or grayscale (N,H,W)"))
+                elif xs[0] == 0:
+                    out.append(("data.path", f"{path}: x_{s} is empty; each split needs at least one image"))
+                if ys != xs[:1]:
+                    out.append(("data.path", f"{path}: y_{s} has shape {ys} but x_{s} has {xs[0] if xs else 0} images"))
+                if not np.issubdtype(yd, np.integer):
+                    out.append(("data.path", f"{path}: y_{s} has dtype {yd}; labels must be integer class indices"))
+            if out:
+                return out
+            with np.load(path, allow_pickle=False) as z:  # labels only: small next to the pixels
+                y = {s: z[f"y_{s}"] for s in SPLITS}
+                classes = z["classes"].reshape(-1).tolist() if "classes" in z.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        return [("data.path", f"{path}: not a valid .npz file ({type(e).__name__}: {e}); re-create it with np.savez")]
+    n = len(classes) if classes is not None else int(max(y["train"].max(), y["test"].max())) + 1
+    for s in SPLITS:
+        lo, hi = int(y[s].min()), int(y[s].max())
+        if lo < 0 or hi >= n:
+            out.append(("data.path", f"{path}: y_{s} has labels in [{lo}, {hi}]; they must lie in 0..{n - 1} "
+                                     f"(class indices{'' if classes is None else ' into its classes array'})"))
+    if not out and not data_cfg.get("allow_empty_classes"):
+        empty = np.flatnonzero(np.bincount(y["train"], minlength=n) == 0).tolist()
+        if empty:
+            out.append(("data.allow_empty_classes",
+                        f"false, but class(es) {_ranges(empty)} of 0..{n - 1} in {path} have no training "
+                        "image (y_train never holds them): fix the labels, or set data.allow_empty_classes: true"))
+    return out
+
+
+def _ranges(xs: list[int]) -> str:
+    """[4, 5, 6, 8] -> '4-6, 8'."""
+    runs = np.split(np.asarray(xs), np.flatnonzero(np.diff(xs) != 1) + 1)
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def _check_folder(root: Path) -> list[tuple[str, str]]:
+    try:
+        _folder_trees(root)
+    except DataError as e:
+        return [("data.path", str(e))]
+    return []
 
 
 # ----------------------------------------------------------------------------- array helpers
@@ -225,17 +322,26 @@ def _decode(files: list[Path], size: int) -> np.ndarray:
     return x
 
 
-def _load_folder(cfg: dict):
-    root, size = _input_path(cfg, want_dir=True), cfg["image_size"]
+def _folder_trees(root: Path) -> list[tuple[list[str], list[Path], np.ndarray]]:
+    """The scans of train/ and test/, or of the one <class>/ tree; structure errors raise."""
     has = [(root / s).is_dir() for s in SPLITS]
     if any(has) and not all(has):
         raise DataError(f"{root}: has only one of train/ and test/; provide both, or one <class>/ tree")
-    if all(has):
-        (cls_tr, f_tr, y_tr), (cls_te, f_te, y_te) = _scan_tree(root / "train"), _scan_tree(root / "test")
-        if cls_tr != cls_te:
-            raise DataError(f"{root}: train/ classes {cls_tr} differ from test/ classes {cls_te}")
+    if not all(has):
+        return [_scan_tree(root)]
+    trees = [_scan_tree(root / s) for s in SPLITS]
+    if trees[0][0] != trees[1][0]:
+        raise DataError(f"{root}: train/ classes {trees[0][0]} differ from test/ classes {trees[1][0]}")
+    return trees
+
+
+def _load_folder(cfg: dict):
+    root, size = _input_path(cfg, want_dir=True), cfg["image_size"]
+    trees = _folder_trees(root)
+    if len(trees) == 2:
+        (cls_tr, f_tr, y_tr), (_, f_te, y_te) = trees
         return _decode(f_tr, size), y_tr, _decode(f_te, size), y_te, cls_tr
-    classes, files, y = _scan_tree(root)
+    classes, files, y = trees[0]
     x = _decode(files, size)
     tr, te = stratified_split(y, cfg["test_fraction"], cfg["split_seed"])
     return x[tr], y[tr], x[te], y[te], classes
@@ -248,7 +354,8 @@ def _input_path(cfg: dict, want_dir: bool) -> Path:
         raise DataError(f"data.path: required for data.source={cfg['source']}; set it to {kind}")
     path = Path(cfg["path"])
     if not path.exists():
-        raise DataError(f"data.path: {path} does not exist; fix data.path")
+        rel = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise DataError(f"data.path: {path} does not exist{rel}; fix data.path")
     if not (path.is_dir() if want_dir else path.is_file()):
         raise DataError(f"data.path: {path} is not {kind}; fix data.path")
     return path
@@ -268,27 +375,9 @@ def _read_npz(path: Path) -> dict:
 
 
 def _load_npz(cfg: dict):
-    path = _input_path(cfg, want_dir=False)
-    a = _read_npz(path)
-    missing = [k for k in NPZ_KEYS if k not in a]
-    if missing:
-        raise DataError(f"{path}: missing key(s) {missing}; an npz source needs {list(NPZ_KEYS)}")
+    """The npz's arrays; prepare ran check_source first (keys, shapes, dtypes, label range)."""
+    a = _read_npz(_input_path(cfg, want_dir=False))
     classes = [str(c) for c in a["classes"].reshape(-1).tolist()] if "classes" in a else None
-    for s in SPLITS:
-        x, y = a[f"x_{s}"], a[f"y_{s}"]
-        if x.dtype != np.uint8:
-            raise DataError(f"{path}: x_{s} has dtype {x.dtype}; store uint8 pixels 0..255")
-        if not (x.ndim == 3 or (x.ndim == 4 and x.shape[-1] == 3)):
-            raise DataError(f"{path}: x_{s} has shape {x.shape}; expected (N,H,W,3) or grayscale (N,H,W)")
-        if len(x) == 0:
-            raise DataError(f"{path}: x_{s} is empty; each split needs at least one image")
-        if y.shape != (len(x),):
-            raise DataError(f"{path}: y_{s} has shape {y.shape} but x_{s} has {len(x)} images")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataError(f"{path}: y_{s} has dtype {y.dtype}; labels must be integer class indices")
-        if y.min() < 0 or (classes is not None and y.max() >= len(classes)):
-            raise DataError(f"{path}: y_{s} has labels in [{y.min()}, {y.max()}]; they must lie in "
-                            f"0..{'' if classes is None else len(classes) - 1} (class indices)")
     if classes is None:
         classes = [str(c) for c in range(int(max(a["y_train"].max(), a["y_test"].max())) + 1)]
     return a["x_train"], a["y_train"], a["x_test"], a["y_test"], classes

@@ -36,6 +36,12 @@ except sslconfig.ConfigError as exc:
 config.clear()
 config.update(_resolved)
 
+# With --use-conda (--sdm conda) jobs run in workflow/envs/sslpipe.yaml, which holds the
+# dependencies but not this package: jobs inherit this PYTHONPATH and import it from src/.
+if "conda" in str(workflow.deployment_settings.deployment_method).lower():
+    _src = os.path.join(workflow.basedir, "src")
+    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [_src, os.environ.get("PYTHONPATH")])))
+
 NAME = config["name"]
 METHODS = config["methods"]
 SEEDS = config["seeds"]

@@ -1,28 +1,30 @@
 # Linear evaluation: features of the frozen encoder, extracted once per job and reused by the
 # linear probes (all labels, then evaluate.label_fractions of them), kNN and the PCA picture.
 # Features are not cached across jobs: each (name, seed) has exactly one evaluation job.
-# The config slice comes from eval_config (common.smk).
+# The config slice comes from stage_slice (common.smk).
 
 
 rule linear_eval:
     input:
         unpack(data_files),
-        encoder="results/{dataset}/pretrain/{method}/seed{seed}/encoder.pt",
-        summary="results/{dataset}/pretrain/{method}/seed{seed}/summary.json",
+        encoder="results/{name}/pretrain/{method}/seed{seed}/encoder.pt",
+        summary="results/{name}/pretrain/{method}/seed{seed}/summary.json",
     output:
         # The stage writes embedding.png beside metrics.json (stages.embedding_path).
-        metrics="results/{dataset}/linear_eval/{method}/seed{seed}/metrics.json",
-        embedding="results/{dataset}/linear_eval/{method}/seed{seed}/embedding.png",
+        metrics="results/{name}/linear_eval/{method}/seed{seed}/metrics.json",
+        embedding="results/{name}/linear_eval/{method}/seed{seed}/embedding.png",
         # Per test image: right or wrong, per metric (the report's paired intervals need them).
-        predictions="results/{dataset}/linear_eval/{method}/seed{seed}/predictions.npz",
+        predictions="results/{name}/linear_eval/{method}/seed{seed}/predictions.npz",
     params:
-        cfg=eval_config,
+        cfg=lambda w: stage_config("linear_eval"),
         data_dir=lambda w, input: os.path.dirname(input.manifest),
     log:
-        "logs/{dataset}/linear_eval/{method}/seed{seed}.log",
+        "logs/{name}/linear_eval/{method}/seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/linear_eval/{method}/seed{seed}.tsv"
+        "benchmarks/{name}/linear_eval/{method}/seed{seed}.tsv"
     threads: 1
+    conda:
+        "../envs/sslpipe.yaml"
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.method} "
         "--seed {wildcards.seed} --data-dir {params.data_dir:q} --encoder {input.encoder:q} "
@@ -36,17 +38,19 @@ rule baseline:
     input:
         unpack(data_files),
     output:
-        metrics="results/{dataset}/linear_eval/{baseline}/seed{seed}/metrics.json",
-        embedding="results/{dataset}/linear_eval/{baseline}/seed{seed}/embedding.png",
-        predictions="results/{dataset}/linear_eval/{baseline}/seed{seed}/predictions.npz",
+        metrics="results/{name}/linear_eval/{baseline}/seed{seed}/metrics.json",
+        embedding="results/{name}/linear_eval/{baseline}/seed{seed}/embedding.png",
+        predictions="results/{name}/linear_eval/{baseline}/seed{seed}/predictions.npz",
     params:
-        cfg=eval_config,
+        cfg=lambda w: stage_config("linear_eval", baseline=w.baseline),
         data_dir=lambda w, input: os.path.dirname(input.manifest),
     log:
-        "logs/{dataset}/linear_eval/{baseline}/seed{seed}.log",
+        "logs/{name}/linear_eval/{baseline}/seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/linear_eval/{baseline}/seed{seed}.tsv"
+        "benchmarks/{name}/linear_eval/{baseline}/seed{seed}.tsv"
     threads: 1
+    conda:
+        "../envs/sslpipe.yaml"
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.baseline} "
         "--seed {wildcards.seed} --data-dir {params.data_dir:q} --out {output.metrics:q} "

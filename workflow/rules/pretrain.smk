@@ -4,20 +4,20 @@
 rule pretrain:
     input:
         unpack(data_files),
-        policy="results/{dataset}/augment/{method}/policy.json",
+        policy="results/{name}/augment/{method}/policy.json",
     output:
-        encoder="results/{dataset}/pretrain/{method}/seed{seed}/encoder.pt",
-        history="results/{dataset}/pretrain/{method}/seed{seed}/history.csv",
-        summary="results/{dataset}/pretrain/{method}/seed{seed}/summary.json",
+        encoder="results/{name}/pretrain/{method}/seed{seed}/encoder.pt",
+        history="results/{name}/pretrain/{method}/seed{seed}/history.csv",
+        summary="results/{name}/pretrain/{method}/seed{seed}/summary.json",
     params:
         cfg=lambda w: stage_config("pretrain", w.method),
         data_dir=lambda w, input: os.path.dirname(input.manifest),
         out_dir=lambda w, output: os.path.dirname(output.encoder),
-        checkpoint="checkpoints/{dataset}/{method}/seed{seed}/checkpoint.pt",
+        checkpoint="checkpoints/{name}/{method}/seed{seed}/checkpoint.pt",
     log:
-        "logs/{dataset}/pretrain/{method}/seed{seed}.log",
+        "logs/{name}/pretrain/{method}/seed{seed}.log",
     benchmark:
-        "benchmarks/{dataset}/pretrain/{method}/seed{seed}.tsv"
+        "benchmarks/{name}/pretrain/{method}/seed{seed}.tsv"
     # One thread per process: on the CPU, two 1-thread jobs side by side train ~15% more images
     # per CPU-second than one 2-thread job (the small CNN's ops are too small to split well), and
     # on a GPU the CPU threads hardly matter. Raise it with --set-threads pretrain=N.
@@ -27,6 +27,8 @@ rule pretrain:
     resources:
         gpu=PRETRAIN_PROCESSES,
     priority: 1  # the long jobs start first; the baselines' short jobs fill the gaps
+    conda:
+        "../envs/sslpipe.yaml"
     shell:
         pretrain_command(PRETRAIN_PROCESSES)
 
