@@ -355,6 +355,7 @@ def knn_top1(model: CD, xtr, ytr, xte, yte) -> float:
     return float((knn_predict(ftr, ytr, fte, 10, k=10, temperature=0.07) == yte).float().mean())
 
 
+@pytest.mark.slow
 def test_cd_hybrid_learns_features_on_tinted_digits():
     """The learning test: 384 real (tinted) digits at 16 px, 60 steps of hybrid pcd CD on one thread
     (a few seconds) lift kNN top-1 well above the same encoder at its random init."""

@@ -71,6 +71,7 @@ def _rows(text: str) -> dict[tuple[str, str], dict]:
     return {(r["dataset"], r["method"]): r for r in csv.DictReader(io.StringIO(text))}
 
 
+@pytest.mark.slow
 def test_numbers_are_mean_and_std_of_the_logged_runs(store):
     uri, _ = store
     rows = _rows(compare.compare(uri, fmt="csv"))
@@ -92,6 +93,7 @@ def test_numbers_are_mean_and_std_of_the_logged_runs(store):
     assert "eval_s_mean" not in header
 
 
+@pytest.mark.slow
 def test_markdown_table(store):
     uri, _ = store
     md = compare.compare(uri, dataset="digits")
@@ -105,6 +107,7 @@ def test_markdown_table(store):
     assert [line.split(" | ")[1] for line in lines] == ["simclr", "moco"]  # best linear top-1 first
 
 
+@pytest.mark.slow
 def test_filters(store):
     uri, hashes = store
     only_a = _rows(compare.compare(uri, experiments=["exp-a"], fmt="csv"))
@@ -133,6 +136,7 @@ def test_latest_run_per_job_wins():
     assert sorted(r["run_id"] for r in kept) == ["b", "d", "e", "f"]  # no hash: never merged
 
 
+@pytest.mark.slow
 def test_cli_csv_and_errors(store, tmp_path, capsys):
     uri, _ = store
     proc = subprocess.run([sys.executable, "-m", "sslpipe", "compare", "--tracking-uri", uri, "--format", "csv",
@@ -150,6 +154,7 @@ def test_cli_csv_and_errors(store, tmp_path, capsys):
     assert "--tag expects key=value" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_intervals_against_a_baseline_match_the_reports(tmp_path, monkeypatch):
     """`compare` pairs each method's run with the random baseline's run of the same config and seed,
     through their predictions.npz artifacts, and gives the interval metrics.paired_bootstrap gives."""

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 from sslpipe import offline, tracking
 from sslpipe.config import config_hash, resolve
 
@@ -24,6 +26,7 @@ def _settings(monkeypatch, on_error="continue"):
     return cfg
 
 
+@pytest.mark.slow
 def test_offline_record_and_replay(tmp_path, monkeypatch, capsys):
     import mlflow
 
@@ -59,6 +62,7 @@ def test_offline_record_and_replay(tmp_path, monkeypatch, capsys):
     assert offline.replay(tmp_path / tracking.OFFLINE_DIR, live) == []  # nothing twice
 
 
+@pytest.mark.slow
 def test_a_rerun_marks_the_killed_run_killed(tmp_path, monkeypatch):
     import mlflow
 

@@ -25,6 +25,7 @@ def store(tmp_path, monkeypatch):
     return cfg, h, tmp_path
 
 
+@pytest.mark.slow
 def test_pipeline_parent_and_child_runs(store):
     import mlflow
 
@@ -50,6 +51,7 @@ def test_pipeline_parent_and_child_runs(store):
     assert parent.data.params["data.source"] == "digits"
 
 
+@pytest.mark.slow
 def test_failed_job_marks_run_failed(store):
     import mlflow
 

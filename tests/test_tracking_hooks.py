@@ -20,6 +20,7 @@ def _dead_uri() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_error", ["fail", "continue"])
 def test_hooks_with_a_dead_server(tmp_path, monkeypatch, on_error):
     cfg = resolve({"tracking": {"on_error": on_error}})
