@@ -183,17 +183,18 @@ def test_tiles_get_independent_augmentation_parameters():
     grid, size, crop = 2, 20, 0.75
     tiled, p = jigsaw_view(x, grid, size, VIEWS, (0.6, 1.0), crop)
     assert tiled.shape == (5, 3, 20, 20)
-    per_image = {k: p[k].reshape(5, 4, *p[k].shape[1:]) for k in ("tile_box", "brightness", "hue", "flip", "gray")}
-    # Within one image, tiles differ in their place in the cell and in their colour jitter.
-    for n in range(5):
-        offsets = per_image["tile_box"][n, :, :2] - p["box"][n, :2]
-        assert len({tuple(o.tolist()) for o in offsets}) == 4
-        assert len(set(per_image["brightness"][n].tolist())) == len(set(per_image["hue"][n].tolist())) == 4
-    assert 0 < p["flip"].float().mean() < 1 and p["gray"].any() and not p["gray"].all()
-    # Each tile is a tile_crop box inside its cell of the image's crop ...
     x0, y0, w, h = (t.repeat_interleave(4) for t in p["box"].unbind(1))
     col, row = torch.arange(4).repeat(5) % grid, torch.arange(4).repeat(5) // grid
     tb = p["tile_box"]
+    # Within one image, tiles differ in their place inside their cells and in their colour jitter.
+    in_cell = torch.stack([tb[:, 0] - (x0 + w * col / grid), tb[:, 1] - (y0 + h * row / grid)], 1).reshape(5, 4, 2)
+    per_image = {k: p[k].reshape(5, 4) for k in ("brightness", "hue")}
+    for n in range(5):
+        gaps = (in_cell[n][:, None] - in_cell[n][None]).abs().amax(-1) + torch.eye(4)
+        assert gaps.min() > 1e-3, gaps
+        assert len(set(per_image["brightness"][n].tolist())) == len(set(per_image["hue"][n].tolist())) == 4
+    assert 0 < p["flip"].float().mean() < 1 and p["gray"].any() and not p["gray"].all()
+    # Each tile is a tile_crop box inside its cell of the image's crop ...
     torch.testing.assert_close(tb[:, 2], w * crop / grid)
     torch.testing.assert_close(tb[:, 3], h * crop / grid)
     assert (tb[:, 0] >= x0 + w * col / grid - 1e-4).all() and (tb[:, 0] + tb[:, 2] <= x0 + w * (col + 1) / grid + 1e-4).all()
