@@ -10,13 +10,15 @@ import torch
 from PIL import Image
 
 from sslpipe import augment
-from sslpipe.augment import corrupt
+from sslpipe.augment import corrupt, patch_mask
 from sslpipe.config import resolve
 from sslpipe.data import load_split, prepare
 from sslpipe.methods import METHODS
-from sslpipe.methods.dae import DAE, ENERGY_SIGMAS, Decoder
-from sslpipe.models import build_encoder
+from sslpipe.evaluate import knn_predict
+from sslpipe.methods.dae import DAE, ENERGY_SIGMAS, Decoder, patch_normalised, reconstruction_error
+from sslpipe.models import build_encoder, spatial_features
 
+STEPS, MARGIN = 300, 0.02
 MANIFEST = {"mean": [0.5] * 3, "std": [0.25] * 3}
 
 
@@ -113,20 +115,101 @@ def test_policy_carries_corruption_and_preview():
     assert ((clean == 0) | (clean == 1)).float().mean() < 0.05
 
 
+def test_mask_fill_and_patch_mask():
+    x = interior(64)
+    torch.manual_seed(3)
+    masked = patch_mask(64, 16, 16, 0.4, 4)
+    torch.manual_seed(3)
+    fill = torch.tensor([0.2, 0.5, 0.7]).view(1, 3, 1, 1)
+    xt = corrupt(x, "mask", mask_ratio=0.4, mask_patch=4, fill=fill)
+    assert masked.shape == (64, 1, 16, 16) and masked.dtype == torch.bool
+    assert torch.equal(xt, torch.where(masked, fill, x))          # corrupt's mask is patch_mask's
+    assert not torch.equal(masked[0], masked[1])                  # per-sample masks
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_spatial_features_pool_to_the_encoder_output(backbone):
+    enc = build_encoder({"backbone": backbone, "width": 8}, MANIFEST).eval()
+    x = torch.rand(2, 3, 16, 16)
+    s = spatial_features(enc, x)
+    assert s.shape == (2, enc.feat_dim, 2, 2)                     # stride 8
+    assert torch.allclose(s.mean((2, 3)), enc(x), atol=1e-5)
+
+
 @pytest.mark.parametrize("size", [8, 10, 16, 24, 32, 96])
-def test_decoder_output_matches_input_size(size):
-    model = make_dae(size)
+@pytest.mark.parametrize("decoder", ["spatial", "pooled"])
+def test_decoder_output_matches_input_size(size, decoder):
+    model = make_dae(size, decoder=decoder, norm_target=False)  # sigmoid output in [0, 1]
     x = torch.rand(4, 3, size, size)
     z = model.reconstruct(x)
     assert z.shape == x.shape and 0 <= z.min() and z.max() <= 1
-    # The decoder sees only the pooled feature vector evaluation uses.
-    assert Decoder(model.encoder.feat_dim, size)(model.encoder(x)).shape == x.shape
+    y = model.encoder(x) if decoder == "pooled" else spatial_features(model.encoder, x)
+    assert torch.equal(model.decoder(y), z)                       # reads what `decoder` names
 
 
 # ----------------------------------------------------------------------------- loss
-@pytest.mark.parametrize("kind", ["mask", "gaussian", "salt_pepper"])
+def test_reconstruction_error_matches_naive_reference():
+    torch.manual_seed(0)
+    z, x = torch.rand(2, 3, 5, 5), torch.rand(2, 3, 5, 5)
+    w = (torch.rand(2, 1, 5, 5) < 0.5).float() + 0.25 * (torch.rand(2, 1, 5, 5) < 0.5).float()
+    num = den = plain = 0.0
+    for n in range(2):
+        for c in range(3):
+            for i in range(5):
+                for j in range(5):
+                    e = (z[n, c, i, j].item() - x[n, c, i, j].item()) ** 2
+                    num, den, plain = num + w[n, 0, i, j].item() * e, den + w[n, 0, i, j].item(), plain + e
+    assert reconstruction_error(z, x, w).item() == pytest.approx(num / den, rel=1e-5)
+    assert reconstruction_error(z, x).item() == pytest.approx(plain / 150, rel=1e-5)
+
+
+def test_patch_normalised_matches_naive_reference():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 6, 6)                                    # 4 px cells: the last cut to 2 px
+    t = patch_normalised(x, 4)
+    for n in range(2):
+        for i0 in (0, 4):
+            for j0 in (0, 4):
+                cell = x[n, :, i0:i0 + 4, j0:j0 + 4]
+                vals = cell.flatten().tolist()
+                m = sum(vals) / len(vals)
+                sd = math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals) + 1e-6)
+                assert torch.allclose(t[n, :, i0:i0 + 4, j0:j0 + 4], (cell - m) / sd, atol=1e-4)
+
+
+@pytest.mark.parametrize("visible_weight,norm_target", [(0.0, True), (0.0, False), (0.3, False)])
+def test_mask_loss_is_on_masked_pixels_of_the_clean_view(visible_weight, norm_target):
+    model = make_dae(corruption="mask", mask_ratio=0.5, mask_patch=4, norm_target=norm_target,
+                     visible_weight=visible_weight)
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    torch.manual_seed(5)
+    loss, logs = model.loss(x, torch.arange(3))
+    # Replay: the same view, then the same mask; the masked patches hold the data mean.
+    torch.manual_seed(5)
+    v = model.views(x, 1)[0]
+    masked = patch_mask(3, 16, 16, 0.5, 4)
+    v_tilde = torch.where(masked, torch.full((1, 3, 1, 1), 0.5), v)
+    z = model.decoder(spatial_features(model.encoder, v_tilde))  # decoder on the spatial map
+    if norm_target:  # the clean view's pixels, normalised per 4 x 4 patch
+        v = patch_normalised(v, 4)
+    num = den = 0.0
+    for n in range(3):
+        for i in range(16):
+            for j in range(16):
+                w = 1.0 if masked[n, 0, i, j] else visible_weight
+                for c in range(3):
+                    num += w * (z[n, c, i, j].item() - v[n, c, i, j].item()) ** 2
+                    den += w
+    assert masked.any() and (~masked).any()
+    assert loss.item() == pytest.approx(num / den, rel=1e-4)
+    assert logs["mse_identity"].item() > 0                        # masked pixels really changed
+    loss.backward()
+    assert model.encoder.backbone[0].weight.grad.abs().sum() > 0  # gradient reaches the encoder
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "salt_pepper"])
 def test_loss_matches_naive_reference(kind):
-    model = make_dae(corruption=kind)
+    model = make_dae(corruption=kind, norm_target=False)
     x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     torch.manual_seed(5)
     loss, logs = model.loss(x, torch.arange(3))
@@ -144,8 +227,6 @@ def test_loss_matches_naive_reference(kind):
     assert loss.item() == pytest.approx(total / count, rel=1e-5)
     assert logs["mse_identity"].item() == pytest.approx(total_noisy / count, rel=1e-5)
     assert total_noisy > 0                                        # the input really was corrupted
-    loss.backward()
-    assert model.encoder.backbone[0].weight.grad.abs().sum() > 0  # gradient reaches the encoder
 
 
 def test_loss_falls_on_fixed_batch(digits):
@@ -190,7 +271,7 @@ def test_diagnostics_energy_curve_and_pngs(digits, tmp_path):
         x01 = augment.to_float(x)
         for s, e in zip(ENERGY_SIGMAS, energies):
             y = corrupt(x01, "gaussian", noise_std=s)
-            assert e == pytest.approx((model.reconstruct(y) - y).pow(2).mean().item(), rel=1e-4), s
+            assert e == pytest.approx((model.to_pixels(model.reconstruct(y), y) - y).pow(2).mean().item(), rel=1e-4), s
     with Image.open(tmp_path / "dae_energy_vs_corruption.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     with Image.open(tmp_path / "dae_reconstructions.png") as im:
@@ -219,3 +300,35 @@ def test_pretrain_one_epoch_smoke(digits, tmp_path, monkeypatch):
     assert np.isfinite(float(history[1].split(",")[1]))
     assert (out / "dae_energy_vs_corruption.png").is_file() and (out / "dae_reconstructions.png").is_file()
     assert "dae_energy_sigma_0.8" in summary["diagnostics"]
+
+
+# ----------------------------------------------------------------------------- learning
+def test_trained_encoder_beats_random_init_on_knn(tmp_path):
+    """A small fixed problem (digits at 16 px, width 8, a few hundred steps on one thread): the
+    masked autoencoder's encoder must beat its own random initialisation on a kNN probe, so a
+    DAE that reconstructs the corrupted input or trains on the wrong pixels fails."""
+    prepare({**resolve({})["data"], "source": "digits", "image_size": 16, "max_train": 1000, "max_test": 400},
+            tmp_path)
+    (xtr, ytr), (xte, yte) = [load_split(tmp_path, s) for s in ("train", "test")]
+    xtr, xte = [torch.from_numpy(x).permute(0, 3, 1, 2).contiguous() for x in (xtr, xte)]
+    ytr, yte = torch.from_numpy(ytr).long(), torch.from_numpy(yte).long()
+
+    def knn(model: DAE) -> float:
+        model.eval()
+        with torch.no_grad():
+            ftr, fte = model.encoder(augment.to_float(xtr)), model.encoder(augment.to_float(xte))
+        model.train()
+        return (knn_predict(ftr, ytr, fte, 10, 20, 0.07) == yte).float().mean().item()
+
+    torch.manual_seed(0)
+    model = make_dae(mask_patch=4)
+    before = knn(model)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(STEPS):
+        idx = torch.randint(0, len(xtr), (64,))
+        loss, _ = model.loss(xtr[idx], idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = knn(model)
+    assert after > before + MARGIN, (before, after)

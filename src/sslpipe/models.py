@@ -72,6 +72,21 @@ class Encoder(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
+def spatial_features(encoder: Encoder, x: Tensor) -> Tensor:
+    """The encoder's last feature map before global average pooling: x N x 3 x H x W in [0, 1]
+    -> N x feat_dim x h x w (h about H/8 for small_cnn and for resnet18 with the CIFAR stem), whose spatial
+    mean is `encoder(x)`. For decoders that need where things are (DAE); additive, so what
+    `Encoder.forward` returns is unchanged."""
+    h = (x - encoder.mean) / encoder.std
+    net = encoder.backbone
+    if isinstance(net, nn.Sequential) and isinstance(net[-2], nn.AdaptiveAvgPool2d):  # small_cnn
+        return net[:-2](h)
+    if hasattr(net, "layer4"):  # torchvision ResNet: the stem and the four stages, no pool / fc
+        h = net.maxpool(net.relu(net.bn1(net.conv1(h))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(h))))
+    raise ValueError(f"spatial_features: unsupported backbone {type(net).__name__}")
+
+
 def build_encoder(model_cfg: dict, manifest: dict) -> Encoder:
     """The encoder for a config's `model` section and a dataset manifest (for mean/std)."""
     name = model_cfg["backbone"]
