@@ -74,8 +74,8 @@ class Encoder(nn.Module):
 
 def spatial_features(encoder: Encoder, x: Tensor) -> Tensor:
     """The encoder's last feature map before global average pooling: x N x 3 x H x W in [0, 1]
-    -> N x feat_dim x h x w (h about H/8 for small_cnn and for resnet18 with the CIFAR stem), whose spatial
-    mean is `encoder(x)`. For decoders that need where things are (DAE); additive, so what
+    -> N x feat_dim x h x w (h about H/8 for small_cnn and CIFAR-stem resnet18), whose spatial mean
+    is `encoder(x)`. For decoders that need where things are (DAE); additive, so what
     `Encoder.forward` returns is unchanged."""
     h = (x - encoder.mean) / encoder.std
     net = encoder.backbone
