@@ -1,14 +1,17 @@
-"""One command line for every stage: `python -m sslpipe <stage> ...`. Rules call only this.
+"""One command line for every stage: `sslpipe <stage> ...` (or `python -m sslpipe`). Rules call only this.
 
 `--config` takes the resolved config (or the rule's slice of it) as JSON, as the Snakefile
 passes it, or the path of a YAML config file, which is then validated and completed with the
-schema's defaults (for running a stage by hand).
+schema's defaults (for running a stage by hand; its `tracking` section applies unless the
+pipeline's SSLPIPE_TRACKING is set). `check-config` resolves a stack of files and `--config`
+overrides exactly as the Snakefile does and prints what the jobs receive.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,24 +21,45 @@ from sslpipe import config as config_mod
 def load_config(text: str) -> dict:
     if text.lstrip().startswith("{"):
         return json.loads(text)
-    return config_mod.load(text)
+    cfg = config_mod.load(text)
+    from sslpipe import tracking  # by hand: the file's tracking section, unless a pipeline set it
+
+    os.environ.setdefault(tracking.ENV, json.dumps(tracking.settings_from_config(cfg, config_mod.config_hash(cfg))))
+    return cfg
+
+
+def _names(*keys: str) -> list[str]:
+    """Allowed values of a schema array's items (methods, evaluate.baselines), without torch."""
+    props = config_mod.load_schema()["properties"]
+    return [v for k in keys for v in (props[k] if "." not in k else
+                                      props[k.split(".")[0]]["properties"][k.split(".")[1]])["items"]["enum"]]
 
 
 def _common(p: argparse.ArgumentParser, method: bool = False, seed: bool = False) -> None:
     p.add_argument("--config", required=True, help="resolved config as JSON, or a YAML config file")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (Snakemake's {threads})")
     if method:
-        p.add_argument("--method", required=True)
+        p.add_argument("--method", required=True, choices=_names("methods", "evaluate.baselines"))
     if seed:
         p.add_argument("--seed", type=int, required=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m sslpipe", description=__doc__.splitlines()[0])
+    from sslpipe import __version__
+
+    ap = argparse.ArgumentParser(prog="sslpipe", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"sslpipe {__version__}")
     sub = ap.add_subparsers(dest="stage", required=True)
 
-    p = sub.add_parser("check-config", help="validate a config (and fill defaults); print it as JSON")
-    p.add_argument("config")
+    p = sub.add_parser("check-config", help="resolve a config stack as Snakemake does; print what the jobs receive",
+                       description="Merge the files in order (as snakemake --configfile A B), apply the "
+                                   "--config overrides (coerced by the schema's types), fill the defaults and "
+                                   "check everything, data and device included; print the resolved config as JSON.")
+    p.add_argument("configs", nargs="*", metavar="FILE",
+                   help="config files, later ones over earlier ones (default: config/config.yaml when present, "
+                        "as the default profile gives Snakemake)")
+    p.add_argument("--config", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="overrides as snakemake --config takes them, e.g. seeds='[0,1,2]'")
 
     p = sub.add_parser("track-init", help="create the MLflow store, experiment and pipeline run")
     _common(p)
@@ -99,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (config_mod.ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"sslpipe {args.stage}: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"sslpipe {args.stage}: error: {line}", file=sys.stderr)
         return 2
 
 
@@ -119,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"replayed {len(ids)} run(s) from {args.dir}")
         return 0
     if args.stage == "check-config":
-        print(json.dumps(config_mod.load(args.config), indent=2, sort_keys=True))
+        files = args.configs or [f for f in ["config/config.yaml"] if Path(f).is_file()]
+        cfg = config_mod.resolve_stack(files, config_mod.parse_overrides(args.overrides))
+        print(json.dumps(cfg, indent=2, sort_keys=True))
         return 0
     cfg = load_config(args.config)
     if args.threads:
