@@ -288,10 +288,10 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
                  benchmarks_dir: str | Path | None = None) -> dict:
     """Write report.html, report.md and summary.csv into out_dir; return the ranked summary rows.
 
-    benchmarks_dir: Snakemake benchmark TSVs; default `benchmarks/{dataset}` beside `results/`.
+    benchmarks_dir: Snakemake benchmark TSVs; default `benchmarks/<X>` for results_dir `results/<X>`.
     """
     root, out = Path(results_dir), Path(out_dir)
-    bdir = Path(benchmarks_dir) if benchmarks_dir else root.resolve().parents[1] / "benchmarks" / dataset
+    bdir = Path(benchmarks_dir) if benchmarks_dir else root.resolve().parents[1] / "benchmarks" / root.resolve().name
     manifest = _load_json(root / "data" / "manifest.json")
     kinds = {**{m: "ssl" for m in methods}, **{b: "baseline" for b in baselines}}
     # Every input is read before the first write, so a missing file leaves no partial outputs.
