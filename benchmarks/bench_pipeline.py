@@ -41,7 +41,7 @@ def snakemake(workdir: Path, configfile: Path, cores: str, log: Path) -> tuple[i
 
 
 def job_times(workdir: Path) -> list[dict]:
-    """Wall and CPU seconds of each job, from the rules' `benchmark:` files (benchmarks/<dataset>/...)."""
+    """Wall and CPU seconds of each job, from the rules' `benchmark:` files (benchmarks/<config name>/...)."""
     jobs = []
     for tsv in sorted((workdir / "benchmarks").rglob("*.tsv")):
         lines = tsv.read_text().splitlines()
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 return rc
         jobs = job_times(work)
         by_stage: dict[str, float] = {}
-        for j in jobs:  # dataset/stage/... -> stage
+        for j in jobs:  # name/stage/... -> stage
             stage = j["job"].split("/")[1] if "/" in j["job"] else j["job"]
             by_stage[stage] = by_stage.get(stage, 0.0) + j["wall_s"]
         bl.emit({"bench": "pipeline", "jobs": len(jobs), "job_wall_s_by_stage": by_stage,

@@ -35,7 +35,7 @@ PROFILE = REPO / "workflow" / "profiles" / "slurm" / "config.yaml"
 # One method, no baselines, up to its metrics: each stage is one more wave of jobs and one more
 # status poll (about 30 s), and the report adds nothing SLURM-specific.
 CONFIG = dict(TINY, name="tiny-slurm", methods=["simclr"], evaluate={**TINY["evaluate"], "baselines": []})
-TARGET = "results/digits/linear_eval/simclr/seed0/metrics.json"
+TARGET = "results/tiny-slurm/linear_eval/simclr/seed0/metrics.json"  # results/{name}/
 # The plugin's line per sbatch; its log path names the rule.
 # The pretrain job's threads in both runs (the rule's default is pretrain.processes = 1; the
 # profile gives SLURM jobs more): equal, so that bf16 kernels split their work the same way.
