@@ -59,3 +59,48 @@ def test_config_hash_is_stable_and_sensitive():
     assert C.config_hash(a) == C.config_hash(copy.deepcopy(a))
     b = C.resolve({"pretrain": {"epochs": 11}})
     assert C.config_hash(a) != C.config_hash(b)
+
+
+def test_overrides_are_coerced_by_the_schema_types():
+    """Snakemake passes --config values as strings (nested ones always)."""
+    raw = C.parse_overrides(["seeds=[0,1,2]", "pretrain={epochs: '3', compile: 'true', lr: '1e-3'}",
+                             "data={max_train: 'null'}", "evaluate={label_fractions: '[0.5]'}"])
+    cfg = C.resolve_stack([], raw)
+    assert cfg["seeds"] == [0, 1, 2] and cfg["pretrain"]["epochs"] == 3 and cfg["pretrain"]["compile"] is True
+    assert cfg["pretrain"]["lr"] == 1e-3 and cfg["data"]["max_train"] is None
+    assert cfg["evaluate"]["label_fractions"] == [0.5]
+    with pytest.raises(C.ConfigError, match=r"config key 'pretrain.epochs' = \"ten\" \(from --config\): wrong type"):
+        C.resolve_stack([], {"pretrain": "{epochs: ten}"})
+
+
+def test_a_stack_merges_in_order_and_names_the_file_of_each_problem(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"pretrain": {"epochs": 2, "lr": 0.1}, "seeds": [1]}))
+    b.write_text(yaml.safe_dump({"pretrain": {"epochs": 3}}))
+    cfg = C.resolve_stack([a, b])
+    assert (cfg["pretrain"]["epochs"], cfg["pretrain"]["lr"], cfg["seeds"]) == (3, 0.1, [1])
+    b.write_text(yaml.safe_dump({"pretrain": {"epoch": 3, "lr": -1}, "methods": ["simclr", "mocco"]}))
+    with pytest.raises(C.ConfigError) as err:
+        C.resolve_stack([a, b])
+    lines = str(err.value).splitlines()
+    assert lines == [
+        "config key 'methods.1' = \"mocco\" (from %s): not allowed; allowed: one of \"simclr\", \"moco\", \"pirl\", "
+        "\"dae\", \"cd\"; did you mean \"moco\"?" % b,
+        "config key 'pretrain.epoch' (from %s): unknown key; did you mean 'pretrain.epochs'? allowed keys in "
+        "'pretrain': %s" % (b, ", ".join(sorted(C.load_schema()["properties"]["pretrain"]["properties"]))),
+        "config key 'pretrain.lr' = -1 (from %s): -1 is less than or equal to the minimum of 0; allowed: number > 0" % b,
+    ]
+
+
+def test_yaml_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nseeds: [0, 1\n")
+    with pytest.raises(C.ConfigError, match=rf"config file {bad}:3:1: YAML syntax error"):
+        C.resolve_stack([bad])
+
+
+def test_the_schema_is_package_data():
+    import importlib.resources
+
+    shipped = importlib.resources.files("sslpipe") / "config.schema.yaml"
+    assert shipped.read_text() == (REPO / "workflow/schemas/config.schema.yaml").read_text()
