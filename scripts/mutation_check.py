@@ -54,7 +54,7 @@ MUTATIONS = [
       "q = grouped_forward(self._query, v_q, groups, shuffle=False).float()",
       ("tests/test_moco.py",), "MoCo.loss without the q normalisation"),
     M("cd_energies_swapped", "src/sslpipe/methods/cd.py",
-      "cd_loss(e_pos, e_neg, self.alpha)", "cd_loss(e_neg, e_pos, self.alpha)",
+      'l_cd = cd_loss(e_pos, e_neg, c["alpha"])', 'l_cd = cd_loss(e_neg, e_pos, c["alpha"])',  # as of 14fbf6f
       ("tests/test_cd.py",), "CD.loss with e_pos and e_neg swapped (trains backwards)"),
     M("lr_constant", "src/sslpipe/pretrain.py",
       'return lr_at(step, self.total, self.warmup, self.tcfg["lr"])', 'return self.tcfg["lr"]',
