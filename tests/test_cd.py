@@ -380,6 +380,7 @@ def test_cd_hybrid_learns_features_on_tinted_digits():
 
 
 # ----------------------------------------------------------------------------- pretrain smoke
+@pytest.mark.slow
 def test_pretrain_one_epoch(tmp_path, monkeypatch):
     from sslpipe import data, pretrain
     from sslpipe.methods import METHODS

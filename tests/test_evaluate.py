@@ -41,6 +41,7 @@ def test_knn_matches_reference():
         assert got == knn_reference(ftr, ytr, fte, 4, min(k, 60), t)
 
 
+@pytest.mark.slow
 def test_linear_probe_separates_digits_pixels_and_never_tunes_on_test(digits_dir):
     xtr, ytr = data.load_split(digits_dir, "train")
     xte, yte = data.load_split(digits_dir, "test")

@@ -329,6 +329,7 @@ def knn_top1(encoder, xtr, ytr, xte, yte) -> float:
     return (knn_predict(ftr, ytr, fte, 10, 20, 0.07) == yte).float().mean().item()
 
 
+@pytest.mark.slow
 def test_pirl_learns_on_tinted_digits():
     """The learning test: a few seconds of PIRL on one thread lift kNN top-1 clearly above the
     same encoder at its random init; a loss trained backwards, or without its positives, does not."""

@@ -2,6 +2,7 @@
 the loss computed by hand from its encoder outputs, and a learning test on real images."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 

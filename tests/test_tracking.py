@@ -64,6 +64,7 @@ def test_failed_job_marks_run_failed(store):
     assert client.get_run(run.run_id).info.status == "FAILED"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_error", ["fail", "continue"])
 def test_unreachable_backend(store, monkeypatch, capsys, on_error):
     cfg, h, root = store
