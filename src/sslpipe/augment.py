@@ -383,21 +383,19 @@ def patch_mask(n: int, h: int, w: int, mask_ratio: float, mask_patch: int, devic
 
 
 def corrupt(x: Tensor, kind: str, *, noise_std: float = 0.3, mask_ratio: float = 0.5,
-            mask_patch: int = 4, salt_pepper: float = 0.2) -> Tensor:
+            mask_patch: int = 4, salt_pepper: float = 0.2, fill: float | Tensor = 0.0) -> Tensor:
     """Corrupt a float batch in [0, 1] for a denoising autoencoder (per-sample random noise).
 
-    gaussian: x + N(0, noise_std^2), clipped; mask: zero a random `mask_ratio` of
-    mask_patch x mask_patch patches (the masked-autoencoder view); salt_pepper: a
-    `salt_pepper` fraction of pixels set to 0 or 1.
+    gaussian: x + N(0, noise_std^2), clipped; mask: set a random `mask_ratio` of
+    mask_patch x mask_patch patches to `fill` (0, or e.g. the channel mean as 1 x C x 1 x 1;
+    see `patch_mask`); salt_pepper: a `salt_pepper` fraction of pixels set to 0 or 1.
     """
     n, c, h, w = x.shape
     if kind == "gaussian":
         return (x + noise_std * torch.randn_like(x)).clamp_(0, 1)
     if kind == "mask":
-        gh, gw = math.ceil(h / mask_patch), math.ceil(w / mask_patch)
-        keep = (torch.rand(n, 1, gh, gw, device=x.device) >= mask_ratio).to(x.dtype)
-        keep = keep.repeat_interleave(mask_patch, 2).repeat_interleave(mask_patch, 3)[:, :, :h, :w]
-        return x * keep
+        masked = patch_mask(n, h, w, mask_ratio, mask_patch, x.device)
+        return torch.where(masked, torch.as_tensor(fill, dtype=x.dtype, device=x.device), x)
     if kind == "salt_pepper":
         hit = torch.rand(n, 1, h, w, device=x.device) < salt_pepper
         salt = (torch.rand(n, 1, h, w, device=x.device) < 0.5).to(x.dtype)
