@@ -7,7 +7,7 @@ paper's equation.
 
 Departures from the paper: the optimiser is the pipeline's (AdamW or SGD with momentum; the paper
 uses LARS), and the small CPU configs train for far fewer steps (config/cifar10-cpu.yaml: 60 epochs
-at batch 128 with T 0.2, which does better than the paper's CIFAR T 0.5 at that budget).
+with T 0.2, which does better than the paper's CIFAR T 0.5 at that budget).
 
 Under DDP (several processes) the negatives span the global batch, as with the paper's
 global BN and large batches on TPUs: every rank gathers all ranks' projections (with autograd)
