@@ -111,6 +111,9 @@ def test_colour_noise_keeps_the_data_colour_space():
     assert (torch.rand(500, 3, 8, 8) - 0.5).abs().mean() > 0.2         # (uniform noise is not grey)
     assert (noise.mean(0) - grey.mean(0)).abs().mean() < 0.03          # the data's mean image
     assert abs(noise.std().item() - grey.std().item()) < 0.03          # the data's spread
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # exactly grey data under autocast (digits)
+        flat = torch.rand(64, 1, 8, 8).expand(64, 3, 8, 8)
+        assert (colour_noise(flat, 50).std(1)).max() < 1e-3
     red = torch.zeros(64, 3, 8, 8)
     red[:, 0] = torch.rand(64, 8, 8)
     assert colour_noise(red, 200)[:, 1:].abs().max() < 0.1              # red data -> red noise

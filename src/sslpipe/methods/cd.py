@@ -121,12 +121,14 @@ def colour_noise(ref: Tensor, n: int) -> Tensor:
 
     ref: M x 3 x H x W in [0, 1] -> n x 3 x H x W in [0, 1] (clamped), fp32.
     """
-    ref = ref.float()
-    mu = ref.mean(0, keepdim=True)                                        # mu: 1 x 3 x H x W
-    d = (ref - mu).transpose(0, 1).reshape(3, -1)                         # d: 3 x MHW
-    cov = d @ d.T / d.shape[1] + 1e-4 * torch.eye(3, device=ref.device)   # cov: 3 x 3
-    eps = torch.randn(n, *ref.shape[1:], device=ref.device)
-    return (mu + torch.einsum("cd,ndhw->nchw", torch.linalg.cholesky(cov), eps)).clamp_(0, 1)
+    with torch.autocast(ref.device.type, enabled=False):  # fp32: a bf16 covariance is not PSD
+        ref = ref.float()
+        mu = ref.mean(0, keepdim=True)                                    # mu: 1 x 3 x H x W
+        d = (ref - mu).transpose(0, 1).reshape(3, -1)                     # d: 3 x MHW
+        lam, vec = torch.linalg.eigh(d @ d.T / d.shape[1])                # cov: 3 x 3 (grey: rank 1)
+        root = vec * lam.clamp_min(1e-8).sqrt()                           # root @ root.T = cov
+        eps = torch.randn(n, *ref.shape[1:], device=ref.device)
+        return (mu + torch.einsum("cd,ndhw->nchw", root, eps)).clamp_(0, 1)
 
 
 def pcd_draw(buffer_size: int, n: int, reinit_fraction: float, device: torch.device) -> tuple[Tensor, Tensor]:
