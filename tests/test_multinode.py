@@ -6,7 +6,9 @@ rule's command, workflow/rules/common.smk): the two agents meet at the c10d rend
 workers form one process group of 2 ranks. One step of that group at global batch B computes what
 one process computes at batch B (the same loss and gradients, MoCo's queue, PIRL's bank): the
 single-process side and the step itself are tests/test_ddp.py's (`one_rank`, `one_step`), only
-the launch differs. Run as a script, this file is the workers' program.
+the launch differs. Run as a script, this file is the workers' program. Then `pretrain.nodes: 2`
+through Snakemake: the rule's own `srun torchrun ...` command, with an `srun` that starts its tasks
+side by side on this machine, trains one job of 2 ranks.
 """
 from __future__ import annotations
 
@@ -84,6 +86,71 @@ def test_one_step_on_two_nodes_equals_one_process_at_the_same_global_batch(two_n
         for k in (k for k in single if k.startswith("buf.")):  # MoCo's queue, PIRL's memory bank
             torch.testing.assert_close(got[k], single[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}, rank {r}")
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in grads)  # one averaged gradient everywhere
+
+
+# ---- the rule's own command: srun starting one torchrun per "node" ------------------------------
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun for one machine: run the command once per task (--ntasks K), all at once, as SLURM would
+# on K nodes; exit with the first failure.
+k=1
+while [[ $# -gt 0 && $1 == -* ]]; do
+  case $1 in --ntasks) k=$2; shift 2;; --*=*) shift;; *) shift 2;; esac
+done
+pids=()
+for ((i = 0; i < k; i++)); do "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+def test_rule_runs_srun_torchrun_across_two_nodes(tmp_path):
+    """pretrain.nodes: 2 through Snakemake: the rule's command (srun, here one that starts its
+    tasks side by side on this machine) runs two torchrun agents that meet at the c10d rendezvous
+    on $(hostname) and train one job of 2 ranks, which writes its outputs once."""
+    import json
+
+    import yaml
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    port = free_port()
+    if not 29400 <= port < 30400:  # the rule's port is 29400 + job id mod 1000
+        port = next(p for p in range(29400 + os.getpid() % 500, 30400) if _free(p))
+    cfg = {"name": "nodes", "seeds": [0], "methods": ["simclr"], "device": "cpu", "precision": "fp32",
+           "data": {"source": "digits", "image_size": 16, "max_train": 64, "max_test": 40}, "model": {"width": 8},
+           "pretrain": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0, "nodes": 2}, "tracking": {"enabled": False}}
+    (tmp_path / "nodes.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_ID": str(port - 29400), "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+                           "results/nodes/pretrain/simclr/seed0/summary.json", "-p", "--cores", "1",
+                           "--configfile", str(tmp_path / "nodes.yaml")], capture_output=True, text=True, env=env,
+                          timeout=600)
+    out = tmp_path / "results" / "nodes" / "pretrain" / "simclr" / "seed0"
+    log = (tmp_path / "logs/nodes/pretrain/simclr/seed0.log")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (log.read_text()[-3000:] if log.exists() else "")
+    assert "srun --nodes 2 --ntasks 2 --ntasks-per-node 1" in proc.stdout + proc.stderr
+    assert "torchrun --nnodes 2 --nproc_per_node 1 --rdzv-backend c10d" in proc.stdout + proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 64 // 32
+    text = log.read_text()
+    assert text.count("pretrain simclr seed=0") == 1 and "2 processes (batch 16 each)" in text, text[-2000:]
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ METHODS = config["methods"]
 SEEDS = config["seeds"]
 BASELINES = config["evaluate"]["baselines"]
 PRETRAIN_PROCESSES = config["pretrain"]["processes"]
+PRETRAIN_NODES = config["pretrain"]["nodes"]
+# Across nodes (pretrain.nodes > 1, SLURM only): one task (one torchrun) per node. `mpi` makes the
+# SLURM executor run the rule's command in the batch script itself (on the first node), whose
+# srun starts the tasks; tasks_per_gpu = 0 keeps it from turning `tasks` into --ntasks-per-gpu.
+# Nothing at all for one node, so single-node jobs are submitted exactly as before.
+PRETRAIN_NODE_RESOURCES = {} if PRETRAIN_NODES == 1 else {
+    "nodes": PRETRAIN_NODES, "tasks": PRETRAIN_NODES, "tasks_per_gpu": 0, "mpi": "srun",
+    "slurm_extra": "--ntasks-per-node=1"}
 CONFIG_HASH = sslconfig.config_hash(config)
 
 # Tracking settings reach jobs through the environment, not params: pointing MLflow elsewhere
@@ -101,17 +109,28 @@ def stage_config(stage, method=None, baseline=None):
     return json.dumps(stage_slice(stage, method, baseline), sort_keys=True)
 
 
-def pretrain_command(processes):
+def pretrain_command(processes, nodes=None):
     """`python -m sslpipe pretrain ...`; with pretrain.processes = N > 1 the same arguments under
     `torchrun --standalone --nproc_per_node N -m` (DDP, one GPU per process; see
     src/sslpipe/distributed.py), each process told to use threads // N CPU threads (at least 1).
-    One process gives exactly the command of earlier versions, so no job re-runs for it."""
+    One process gives exactly the command of earlier versions, so no job re-runs for it.
+
+    With pretrain.nodes = M > 1 (SLURM): `srun` starts one `torchrun --nnodes M --nproc_per_node N
+    --rdzv-backend c10d` per node, all meeting at the rendezvous on the job's first node (where
+    the batch script, and so this command, runs: $(hostname)), port 29400 + job id mod 1000."""
+    nodes = config["pretrain"]["nodes"] if nodes is None else int(nodes)
     args = ("sslpipe pretrain --config {params.cfg:q} --threads THREADS --method {wildcards.method} "
             "--seed {wildcards.seed} --data-dir {params.data_dir:q} --policy {input.policy:q} "
             "--out-dir {params.out_dir:q} --checkpoint {params.checkpoint:q} > {log:q} 2>&1")
-    if processes == 1:
+    if processes == 1 and nodes == 1:
         return f"python -m {args.replace('THREADS', '{threads}')}"
     n = int(processes)
+    if nodes > 1:
+        job = "${{SLURM_JOB_ID:-0}}"  # braces doubled: the rule's shell command is a format string
+        launch = (f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --cpus-per-task {{threads}} "
+                  f"--kill-on-bad-exit=1 torchrun --nnodes {nodes} --nproc_per_node {n} --rdzv-backend c10d "
+                  f'--rdzv-endpoint "$(hostname):$(( 29400 + {job} % 1000 ))" --rdzv-id "sslpipe-{job}" -m')
+        return f"{launch} {args.replace('THREADS', f'$(( {{threads}} > {n} ? {{threads}} / {n} : 1 ))')}"
     launch = shlex.join(["torchrun", "--standalone", "--nproc_per_node", str(n), "-m"])
     return f"{launch} {args.replace('THREADS', f'$(( {{threads}} > {n} ? {{threads}} / {n} : 1 ))')}"
 

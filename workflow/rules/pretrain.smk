@@ -25,7 +25,8 @@ rule pretrain:
     # One GPU per process. Locally Snakemake counts it only against --resources gpu=N (so jobs
     # take turns on N GPUs); the SLURM executor turns it into --gpus.
     resources:
-        gpu=PRETRAIN_PROCESSES,
+        gpu=PRETRAIN_PROCESSES * PRETRAIN_NODES,
+        **PRETRAIN_NODE_RESOURCES,  # pretrain.nodes > 1: nodes, one task each (common.smk)
     priority: 1  # the long jobs start first; the baselines' short jobs fill the gaps
     conda:
         "../envs/sslpipe.yaml"
