@@ -340,7 +340,7 @@ def test_rule_launches_torchrun_and_asks_for_one_gpu_per_process(tmp_path):
     (tmp_path / "tiny.yaml").write_text(json.dumps(dict(TINY, tracking={"enabled": False})))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-           "results/digits/pretrain/moco/seed0/encoder.pt", "-n", "-p", "--cores", "4",
+           "results/ddp/pretrain/moco/seed0/encoder.pt", "-n", "-p", "--cores", "4",
            "--configfile", str(tmp_path / "tiny.yaml")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

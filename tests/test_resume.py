@@ -278,10 +278,10 @@ def test_snakemake_sigterm_then_rerun_equals_a_clean_run(tmp_path):
     resumes the pretrain job from its checkpoint; its metrics equal those of a clean run."""
     work = tmp_path
     (work / "tiny.yaml").write_text(yaml.safe_dump(dict(TINY, methods=["moco"])))
-    pre = work / "results/digits/pretrain/moco/seed0"
-    metrics = work / "results/digits/linear_eval/moco/seed0/metrics.json"
-    ckpt = work / "checkpoints/digits/moco/seed0/checkpoint.pt"
-    log = work / "logs/digits/pretrain/moco/seed0.log"
+    pre = work / "results/resume/pretrain/moco/seed0"
+    metrics = work / "results/resume/linear_eval/moco/seed0/metrics.json"
+    ckpt = work / "checkpoints/resume/moco/seed0/checkpoint.pt"
+    log = work / "logs/resume/pretrain/moco/seed0.log"
     target = str(metrics.relative_to(work))
 
     cmd, env = snakemake_cmd(work, target)
@@ -298,7 +298,7 @@ def test_snakemake_sigterm_then_rerun_equals_a_clean_run(tmp_path):
     assert not pre.exists() or not list(pre.iterdir())
 
     snakemake(work, target, "--rerun-incomplete")
-    assert "resuming from checkpoints/digits/moco/seed0/checkpoint.pt" in log.read_text()
+    assert "resuming from checkpoints/resume/moco/seed0/checkpoint.pt" in log.read_text()
     assert not ckpt.exists()
     resumed = comparable(metrics)
     resumed_encoder = torch.load(pre / "encoder.pt", weights_only=True)

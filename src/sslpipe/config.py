@@ -323,7 +323,13 @@ def train_settings(cfg: dict, method: str) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
-    """A short, stable hash of a (resolved) config or config slice."""
+    """A short, stable hash of what in a (resolved) config or slice can change results: the
+    `tracking` section and `pretrain.checkpoint_every` are left out, so pointing MLflow elsewhere
+    or checkpointing more often is still the same "config" to `compare` and to the parent run."""
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k != "tracking"}
+        if isinstance(cfg.get("pretrain"), dict):
+            cfg["pretrain"] = {k: v for k, v in cfg["pretrain"].items() if k != "checkpoint_every"}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
 
 

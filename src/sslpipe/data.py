@@ -76,8 +76,19 @@ def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray
     path = Path(data_dir) / f"{split}.npz"
     if not path.is_file():
         raise DataError(f"{path}: not found; run the prepare stage first")
-    with np.load(path, allow_pickle=False) as z:
-        return z["x"], z["y"].astype(np.int64, copy=False)
+    redo = ("rebuild it with `snakemake --forcerun prepare` (or `sslpipe prepare` by hand)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            x, y = z["x"], z["y"].astype(np.int64, copy=False)
+    except Exception as exc:  # truncated (BadZipFile), a key missing, not an npz at all
+        raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc}); {redo}") from None
+    # Verified against the manifest that prepare wrote beside it (sha256 of the arrays' bytes;
+    # ~30 ms for 5,000 CIFAR images): a replaced or edited file never trains or scores silently.
+    want = (load_manifest(data_dir).get("sha256") or {}).get(split) if (Path(data_dir) / "manifest.json").is_file() else None
+    if want is not None and _sha256(x, y) != want:
+        raise DataError(f"{path}: its arrays do not match {Path(data_dir) / 'manifest.json'} (sha256 differs: "
+                        f"the file changed after prepare); {redo}")
+    return x, y
 
 
 def load_manifest(data_dir: str | Path) -> dict:
