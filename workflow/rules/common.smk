@@ -6,6 +6,7 @@ import shlex
 import subprocess
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from sslpipe import config as sslconfig
@@ -161,8 +162,13 @@ def report_outputs():
 
 
 def tracking_hook(*args):
+    """track-init / track-finish. Under on_error: continue they warn and exit 0; under fail they
+    print one line (the URI and the ways out) and exit 2, and the pipeline stops with that line,
+    not a dump of the command with the whole config in it."""
     if config["tracking"]["enabled"]:
-        subprocess.run(["python", "-m", "sslpipe", *args, "--config", json.dumps(config)], check=True)
+        rc = subprocess.run(["python", "-m", "sslpipe", *args, "--config", json.dumps(config)]).returncode
+        if rc:
+            raise WorkflowError(f"sslpipe {args[0]} failed (exit {rc}); see the line above")
 
 
 onstart:
