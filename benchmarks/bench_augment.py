@@ -10,7 +10,7 @@ grayscale 0.2), then the same with Gaussian blur p 0.5. Two views per image, uin
   torch threads = 2 (the training loop's path);
 * torchvision: `transforms.v2` applied per image in a `DataLoader` (2 workers, batch 256, persistent
   workers, timed after a warm-up epoch), the usual PyTorch data pipeline;
-* kornia: the previous implementation (`augment.kornia_view_pipeline`), batched like sslpipe.
+* kornia: the previous implementation (`kornia_view_pipeline` below), batched like sslpipe.
 
 Also times each op alone, kornia vs sslpipe's hand-written op (`--no-ops` skips this). Prints
 JSON lines; appends rows to benchmarks/RESULTS.md (`--no-record` skips; `--quick` runs print only).
@@ -32,6 +32,27 @@ from sslpipe.methods.shared import view_policy
 
 BATCH = 256
 
+
+def kornia_view_pipeline(views: dict, image_size: int) -> "torch.nn.Module":
+    """The same policy from kornia's generic ops: the reference `bench_augment.py` compares with."""
+    import kornia.augmentation as K
+
+    s = views["jitter_strength"]
+    kernel = aug.blur_kernel_size(image_size)
+    ops: list = [
+        K.RandomResizedCrop((image_size, image_size), scale=tuple(views["crop_scale"]),
+                            ratio=tuple(views["crop_ratio"]), p=1.0),
+        K.RandomHorizontalFlip(p=views["flip_p"]),
+    ]
+    if views["jitter_p"] > 0 and s > 0:
+        ops.append(K.ColorJitter(aug.JITTER_BCS * s, aug.JITTER_BCS * s, aug.JITTER_BCS * s, aug.JITTER_HUE * s, p=views["jitter_p"]))
+    if views["grayscale_p"] > 0:
+        ops.append(K.RandomGrayscale(p=views["grayscale_p"]))
+    if views["blur_p"] > 0:
+        ops.append(K.RandomGaussianBlur((kernel, kernel), aug.BLUR_SIGMA, p=views["blur_p"]))
+    if views["solarize_p"] > 0:
+        ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=views["solarize_p"]))
+    return K.AugmentationSequential(*ops, data_keys=["input"])
 
 def simclr_views(blur: bool) -> dict:
     return resolve({"simclr": {"views": {"blur_p": 0.5 if blur else 0.0}}})["simclr"]["views"]
@@ -106,7 +127,7 @@ def interleaved_rates(n: int, epochs: dict, repeats: dict) -> dict[str, list[flo
 
 
 def kornia_maker(views: dict, size: int):
-    pipe = aug.kornia_view_pipeline(views, size)
+    pipe = kornia_view_pipeline(views, size)
 
     def make(xb):
         x01 = aug.to_float(xb)
@@ -136,7 +157,7 @@ def per_op(x: torch.Tensor, repeat: int) -> list[dict]:
     cj = K.ColorJitter(bcs, bcs, bcs, hue, p=1.0)
     gray = K.RandomGrayscale(p=1.0)
     blur = K.RandomGaussianBlur((k, k), aug.BLUR_SIGMA, p=1.0)
-    full_k = aug.kornia_view_pipeline(views, size)
+    full_k = kornia_view_pipeline(views, size)
     xu = (xb * 255).round().byte()
     cases = {
         "uint8->float": (None, lambda: aug.to_float(xu)),

@@ -19,7 +19,7 @@ crop+flip is ~8x and the colour jitter ~10x faster than kornia's ops, the whole 
 Per-sample parameters are drawn from torch's global generator on the batch's device (seeding
 torch seeds the views; no host/device sync), and the last ones drawn are kept on the pipeline
 (`ViewPipeline.last_params`) so tests can inspect them. The kornia version of the same policy
-is kept as `kornia_view_pipeline`, as the reference the benchmark compares against.
+is kept as `kornia_view_pipeline` in benchmarks/bench_augment.py, the reference it compares against.
 
 A *view policy* is a JSON-able dict (written to `policy.json` by the augment stage and read
 back by pretraining), so the views a method trains on are exactly the ones validated and
@@ -258,28 +258,6 @@ def view_pipeline(views: dict, image_size: int) -> nn.Module:
     Input and output: float N x C x H x W in [0, 1]; output side is `image_size`.
     """
     return ViewPipeline(views, image_size)
-
-
-def kornia_view_pipeline(views: dict, image_size: int) -> nn.Module:
-    """The same policy from kornia's generic ops: the reference `bench_augment.py` compares with."""
-    import kornia.augmentation as K
-
-    s = views["jitter_strength"]
-    kernel = blur_kernel_size(image_size)
-    ops: list[nn.Module] = [
-        K.RandomResizedCrop((image_size, image_size), scale=tuple(views["crop_scale"]),
-                            ratio=tuple(views["crop_ratio"]), p=1.0),
-        K.RandomHorizontalFlip(p=views["flip_p"]),
-    ]
-    if views["jitter_p"] > 0 and s > 0:
-        ops.append(K.ColorJitter(JITTER_BCS * s, JITTER_BCS * s, JITTER_BCS * s, JITTER_HUE * s, p=views["jitter_p"]))
-    if views["grayscale_p"] > 0:
-        ops.append(K.RandomGrayscale(p=views["grayscale_p"]))
-    if views["blur_p"] > 0:
-        ops.append(K.RandomGaussianBlur((kernel, kernel), BLUR_SIGMA, p=views["blur_p"]))
-    if views["solarize_p"] > 0:
-        ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=views["solarize_p"]))
-    return K.AugmentationSequential(*ops, data_keys=["input"])
 
 
 class ViewMaker:
