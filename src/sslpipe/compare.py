@@ -31,6 +31,7 @@ from sslpipe import metrics as mt
 from sslpipe import tracking
 
 INTERVAL_METRICS = ("linear_top1", "knn_top1")
+CI_FIELDS = ("diff", "lo", "hi", "verdict", "pairs")  # the CSV columns of each interval
 
 
 def latest_per_job(runs: list[dict]) -> list[dict]:
@@ -89,7 +90,11 @@ def add_intervals(rows: list[dict], runs: list[dict], against: list[str], uri: s
             by_method.setdefault((r["tags"].get("sslpipe.dataset"), r["tags"].get("sslpipe.method")), {})[job(r)] = r
     with tempfile.TemporaryDirectory() as tmp:
         cache: dict[str, dict | None] = {}
-        hits = lambda r: cache.setdefault(r["run_id"], _hits(r, Path(tmp), uri))  # noqa: E731
+
+        def hits(r: dict) -> dict | None:  # each run's artifact downloaded once
+            if r["run_id"] not in cache:
+                cache[r["run_id"]] = _hits(r, Path(tmp), uri)
+            return cache[r["run_id"]]
         for row in rows:
             mine = by_method.get((row["dataset"], row["method"]), {})
             for base in against:
@@ -108,7 +113,7 @@ def add_intervals(rows: list[dict], runs: list[dict], against: list[str], uri: s
 
 
 def csv_columns(metrics: list[str], against: list[str] = ()) -> list[str]:
-    vs = [f"{m}_vs_{b}_{s}" for b in against for m in INTERVAL_METRICS for s in ("diff", "lo", "hi", "verdict", "pairs")]
+    vs = [f"{m}_vs_{b}_{s}" for b in against for m in INTERVAL_METRICS for s in CI_FIELDS]
     return (["dataset", "method", "runs"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")]
             + vs + ["experiments", "configs"])
 
@@ -118,7 +123,7 @@ def _flat(row: dict, against: list[str]) -> dict:
     for b in against:
         for m in INTERVAL_METRICS:
             ci = row.get(f"{m}_vs_{b}") or {}
-            out.update({f"{m}_vs_{b}_{s}": ci.get(s) for s in ("diff", "lo", "hi", "verdict", "pairs")})
+            out.update({f"{m}_vs_{b}_{s}": ci.get(s) for s in CI_FIELDS})
     return out
 
 

@@ -196,9 +196,10 @@ def label_efficient_probe(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.nda
     else:  # one example of some class: a validation split would leave it out of training
         wd, source = full_data_wd, "full"
     logits = _fit_and_predict(f, y, fte, num_classes, wd, ecfg["probe_steps"], seed)
+    yte_t = torch.from_numpy(yte).long()
     if correct is not None:
-        correct[f"linear_top1_{tag}"] = (logits.argmax(1) == torch.from_numpy(yte).long()).numpy()
-    return {f"linear_top1_{tag}": topk_accuracy(logits, torch.from_numpy(yte).long(), 1),
+        correct[f"linear_top1_{tag}"] = (logits.argmax(1) == yte_t).numpy()
+    return {f"linear_top1_{tag}": topk_accuracy(logits, yte_t, 1),
             f"n_labels_{tag}": int(len(idx)), f"probe_weight_decay_{tag}": wd, f"probe_wd_source_{tag}": source}
 
 

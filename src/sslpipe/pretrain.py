@@ -206,9 +206,10 @@ def knn_monitor(cfg: dict, encoder, x: torch.Tensor, data_dir: Path, device: tor
 
     _, ytr = data_mod.load_split(data_dir, "train")  # training labels only, never the test split's
     bank, val = ev.stratified_split(ytr, ecfg["val_fraction"], seed)
-    bank_t, val_t = torch.from_numpy(bank).to(x.device), torch.from_numpy(val).to(x.device)
+    # Gathered once, not at every call: the images stay the same, only the encoder changes.
+    xb, xv = x[torch.from_numpy(bank).to(x.device)], x[torch.from_numpy(val).to(x.device)]
     k = ev.knn_k_for(ecfg["knn_k"], len(bank))
-    return every, lambda: ev.knn_monitor(encoder, x[bank_t], ytr[bank], x[val_t], ytr[val], device, None,
+    return every, lambda: ev.knn_monitor(encoder, xb, ytr[bank], xv, ytr[val], device, None,
                                          k, ecfg["knn_temperature"])
 
 
