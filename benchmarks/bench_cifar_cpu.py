@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 import benchlib as bl
+from sslpipe import metrics as mt
 
 SECTION = "CPU reproduction on the CIFAR-10 subset (config/cifar10-cpu.yaml)"
 INTRO = ("`python benchmarks/bench_cifar_cpu.py`: the whole pipeline (5 methods, 3 baselines) on the 5,000/1,000-image "
@@ -56,16 +57,13 @@ def collect(work: Path) -> tuple[dict, dict, dict]:
     for path in sorted(work.glob("results/**/linear_eval/*/seed*/metrics.json")):
         name, seed = path.parent.parent.name, int(path.parent.name[4:])
         metrics.setdefault(name, {})[seed] = json.loads(path.read_text())
-        with np.load(path.with_name("predictions.npz")) as z:
-            hits.setdefault(name, {})[seed] = {k: z[k].astype(np.float64) for k in z.files}
+        hits.setdefault(name, {})[seed] = mt.load_hits(path.with_name("predictions.npz"))
     for path in work.glob("results/**/pretrain/*/seed*/summary.json"):
         wall.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = json.loads(path.read_text())["wall_time_s"]
     return metrics, hits, wall
 
 
 def main() -> int:
-    from sslpipe import metrics as mt
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     ap.add_argument("--no-record", action="store_true")

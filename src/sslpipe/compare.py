@@ -72,10 +72,7 @@ def summarise(runs: list[dict], metrics: list[str]) -> list[dict]:
 
 def _hits(run: dict, tmp: Path, uri: str | None) -> dict[str, np.ndarray] | None:
     path = tracking.download_artifact(run["run_id"], "predictions.npz", tmp / run["run_id"], uri)
-    if path is None or not path.is_file():
-        return None
-    with np.load(path) as z:
-        return {k: z[k].astype(np.float64) for k in z.files}
+    return None if path is None else mt.load_hits(path)
 
 
 def add_intervals(rows: list[dict], runs: list[dict], against: list[str], uri: str | None) -> None:

@@ -33,6 +33,17 @@ LEVEL = 0.95
 BOOT_SEED = 0  # the intervals are a pure function of the predictions
 
 
+def load_hits(path) -> dict[str, np.ndarray] | None:
+    """An evaluation's predictions.npz: per top-1 metric, 0/1 per test image (as float64, ready
+    for `paired_bootstrap`); None when the file is absent."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    with np.load(path) as z:
+        return {k: z[k].astype(np.float64) for k in z.files}
+
+
 def _pct_value(key: str) -> float:
     return float(PCT.match(key).group(1).replace("p", "."))
 

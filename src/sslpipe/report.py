@@ -25,7 +25,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 from . import figures as fig
@@ -97,12 +96,6 @@ def _load_history(path: Path) -> pd.DataFrame:
     return df
 
 
-def _load_hits(path: Path) -> dict[str, np.ndarray] | None:
-    """predictions.npz: per top-1 metric, 0/1 per test image; None when absent."""
-    if not path.is_file():
-        return None
-    with np.load(path) as z:
-        return {k: z[k].astype(np.float64) for k in z.files}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -299,7 +292,7 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
                for n in kinds for s in seeds}
     histories = {m: [_load_history(root / "pretrain" / m / f"seed{s}" / "history.csv") for s in seeds]
                  for m in methods}
-    hits = {n: {s: h for s in seeds if (h := _load_hits(root / "linear_eval" / n / f"seed{s}" / "predictions.npz"))
+    hits = {n: {s: h for s in seeds if (h := mt.load_hits(root / "linear_eval" / n / f"seed{s}" / "predictions.npz"))
                 is not None} for n in kinds}
     jobs = _benchmarks(bdir, kinds, seeds)
     keys = mt.metric_keys(metrics.values())
