@@ -8,11 +8,18 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# pip's own lines (Collecting / Downloading with a progress bar / Installing) show what is being installed.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	@test -x $(BIN)/python || { echo "sslpipe set-up: creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	@echo "sslpipe set-up: upgrading pip in $(VENV)"
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+	@echo "sslpipe set-up: installing sslpipe (editable) and its dependencies from pyproject.toml"
+	@echo "  (PyTorch is the large download; a few minutes the first time):"
+	@$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  print(' ', ', '.join(p['dependencies'] + p['optional-dependencies']['test']))"
+	@$(BIN)/python -m pip install -e '.[test]'
+	@touch $(STAMP)
+	@echo "sslpipe set-up: done ($(VENV) ready; activate with: source $(VENV)/bin/activate)"
 
 run: $(STAMP)
 	PATH="$(BIN):$$PATH" snakemake --cores all --configfile config/config.yaml
