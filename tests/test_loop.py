@@ -179,3 +179,35 @@ def test_checkpoint_is_ignored_after_a_change_of_code_data_or_world_size(tiny, t
         (pkg / name).write_text(original)
     assert loads(fp())
 
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_epoch_lines_are_plain_in_a_log_and_a_bar_on_a_terminal():
+    from sslpipe import progress
+
+    lines = ["pretrain simclr seed=0: 96 images", *(pt.progress_line(e, 3, {"loss": 1.0, "lr": 1e-3, "images_per_s": 50,
+                                                                          "wall_s": 10.0 * e}) for e in (1, 2, 3)), "done"]
+    log, tty = _Stream(False), _Stream(True)
+    for line in lines:
+        progress.say(line, log)
+        progress.say(line, tty)
+    assert log.text == "\n".join(lines) + "\n"  # a log file: one plain line each, no control characters
+    assert "eta 0:20" in lines[1] and "elapsed 0:30 eta 0:00" in lines[3]
+    # A terminal: the epochs redraw one line behind a bar (carriage returns), finished by a newline.
+    shown = tty.text.split("\n")
+    assert shown[0] == lines[0] and shown[2] == "done"
+    assert shown[1].count("\r") == 3 and shown[1].endswith("\x1b[K") and "[####################] 100%" in shown[1]
+    assert progress.clock(3725) == "1:02:05" and progress.clock(42) == "0:42"

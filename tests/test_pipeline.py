@@ -90,6 +90,25 @@ def test_every_stage_writes_its_outputs(pipeline):
     assert not [p for p in r.rglob("*") if ".tmp" in p.name]
 
 
+
+def test_every_job_log_says_what_it_did(pipeline):
+    """Each job's log (stdout + stderr, redirected by its rule) holds at least its summary line:
+    `tail -f logs/...` shows what a job is doing and what it wrote."""
+    work, _, _ = pipeline
+    logs = work / "logs/tiny"
+    files = sorted(logs.rglob("*.log"))
+    assert len(files) == 1 + 5 + 5 + 8 + 1  # prepare, augment x5, pretrain x5, evaluations x8, report
+    assert [str(p.relative_to(logs)) for p in files if not p.read_text().strip()] == []
+    text = {str(p.relative_to(logs)): p.read_text() for p in files}
+    assert re.search(r"prepare digits: 320 train / 120 test images, 10 classes", text["prepare.log"])
+    assert "wrote" in text["augment/simclr.log"] and "images/s" in text["augment/simclr.log"]
+    assert re.search(r"epoch 2/2 loss \S+ .* eta 0:00 val kNN", text["pretrain/moco/seed0.log"])
+    for name in METHODS + BASELINES:
+        assert re.search(rf"linear_eval {name} seed=0: linear top-1 \d+\.\d%", text[f"linear_eval/{name}/seed0.log"])
+    assert "supervised epoch 2/2" in text["linear_eval/supervised/seed0.log"]
+    assert "MLflow run " in text["linear_eval/simclr/seed0.log"]
+    assert all(name in text["report.log"] for name in METHODS + BASELINES) and "report.html" in text["report.log"]
+
 def test_mlflow_has_a_run_for_every_job(pipeline):
     import mlflow
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from sslpipe import config as config_mod
+from sslpipe.progress import say
 
 
 def load_config(text: str) -> dict:
@@ -172,6 +173,9 @@ def run(args: argparse.Namespace) -> int:
             track = contextlib.nullcontext(tracking.StageRun(None, None))  # logs nothing
     with track or tracking.stage_run(stage, method=method, seed=seed, params=cfg,
                                      provenance=provenance.describe()) as run:
+        if run.run_id:  # where the job's metrics appear live (the MLflow UI's run page)
+            say(f"MLflow run {run.run_id} ({stage}{'/' + method if method else ''}"
+                f"{'' if seed is None else f'/seed{seed}'}) at {tracking.tracking_uri(tracking.settings())}")
         if stage == "prepare":
             stages.prepare(cfg, args.out_dir, run)
         elif stage == "augment":

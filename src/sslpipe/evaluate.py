@@ -174,9 +174,12 @@ def linear_probe(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray, num
     yte_t = torch.from_numpy(yte).long()  # the only place test labels are read
     if correct is not None:
         correct["linear_top1"] = (logits.argmax(1) == yte_t).numpy()
+    # Confusion matrix of the test predictions (row: true class, column: predicted), for the report.
+    confusion = torch.bincount(yte_t * num_classes + logits.argmax(1), minlength=num_classes ** 2)
     return {"linear_top1": topk_accuracy(logits, yte_t, 1),
             "linear_top5": topk_accuracy(logits, yte_t, 5) if num_classes > 5 else None,
-            "probe_weight_decay": best, "probe_val_top1": val_top1}
+            "probe_weight_decay": best, "probe_val_top1": val_top1,
+            "linear_confusion": confusion.view(num_classes, num_classes).tolist()}
 
 
 def label_efficient_probe(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray, num_classes: int,

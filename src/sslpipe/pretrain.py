@@ -41,6 +41,7 @@ import torch
 
 from sslpipe import data as data_mod
 from sslpipe import distributed as ddp
+from sslpipe import progress
 from sslpipe.config import train_settings
 from sslpipe.checkpoint import Checkpoint, Preempted, Progress, StopSignals, fingerprint
 from sslpipe.io import atomic_path, read_json, write_json, write_text
@@ -107,7 +108,7 @@ def load_train_tensor(data_dir: Path, device: torch.device, channels_last: bool)
 # ---- the training loop -----------------------------------------------------------------------
 
 def echo_line(line: str) -> None:
-    print(line, flush=True)  # the job's log shows progress as it happens, and survives a SIGKILL
+    progress.say(line)  # flushed: the log shows it as it happens; on a terminal, epochs behind a bar
 
 
 def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_path: str | Path,
@@ -334,7 +335,7 @@ class Loop:
 def progress_line(epoch: int, epochs: int, row: dict) -> str:
     """'epoch 3/8 loss 4.1234 lr 1.9e-03 1520 img/s elapsed 0:42 eta 1:10 val kNN 61.2%' (plain text:
     logs are files, and a progress bar's carriage returns would garble them)."""
-    clock = lambda s: f"{int(s) // 60}:{int(s) % 60:02d}"  # noqa: E731
+    clock = progress.clock
     eta = row["wall_s"] / epoch * (epochs - epoch)
     extra = f" val kNN {100 * row['val_knn_top1']:.1f}%" if "val_knn_top1" in row else ""
     return (f"epoch {epoch}/{epochs} loss {row['loss']:.4f} lr {row['lr']:.2e} {row['images_per_s']:.0f} img/s "

@@ -26,6 +26,7 @@ from torch import nn
 
 from sslpipe.augment import ViewMaker
 from sslpipe.models import Encoder, TrainingError, build_encoder
+from sslpipe.progress import clock, say
 
 MILD_VIEWS = {"crop_scale": [0.8, 1.0], "crop_ratio": [0.75, 1.3333333], "flip_p": 0.5, "jitter_p": 0.0,
               "jitter_strength": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0}
@@ -93,6 +94,10 @@ def train(cfg: dict, manifest: dict, data_dir: str | Path, ytr: np.ndarray, seed
         row = {"supervised_loss": mean_loss, "supervised_train_top1": (correct / (steps_per_epoch * b)).item(),
                "supervised_lr": lr}
         log(row, epoch)
+        elapsed = time.perf_counter() - t_start
+        say(f"supervised epoch {epoch}/{tcfg['epochs']} loss {mean_loss:.4f} train top-1 "
+            f"{100 * row['supervised_train_top1']:.1f}% lr {lr:.2e} {epoch * steps_per_epoch * b / elapsed:.0f} img/s "
+            f"elapsed {clock(elapsed)} eta {clock(elapsed / epoch * (tcfg['epochs'] - epoch))}")
     wall = time.perf_counter() - t_start
     encoder.eval()
     return encoder, {"supervised_epochs": tcfg["epochs"], "supervised_steps": step,
