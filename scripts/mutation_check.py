@@ -76,12 +76,17 @@ MUTATIONS = [
     M("crop_ratio_check_removed", "src/sslpipe/config.py",
       'for part in ("crop_scale", "crop_ratio"):', 'for part in ("crop_scale",):',
       ("tests/test_checks.py", "tests/test_config.py"), "the crop_ratio min > max check removed"),
+    # The Snakefile no longer calls check(config) itself: since 7ad0f56 it resolves the stack with
+    # config.resolve_stack, whose cross-key checks are config.problems. Removing the Snakefile's
+    # check = the Snakefile resolving without them (defaults still filled, config.py intact, so
+    # `sslpipe check-config` still refuses the config: only the Snakefile's own test can see it).
     M("snakefile_check_removed", "workflow/rules/common.smk",
-      "try:\n    check(config)\n", "try:\n    pass\n",
+      "try:\n    _resolved = sslconfig.resolve_stack(",
+      "sslconfig.problems = lambda *a, **k: []  # mutant: the Snakefile skips the cross-key checks\n"
+      "try:\n    _resolved = sslconfig.resolve_stack(",
       ("tests/test_checks.py::test_snakefile_refuses_an_impossible_config_before_any_job",),
-      "the Snakefile's check(config) call removed"),
-    # The Snakefile now resolves the config with config.resolve_stack (7ad0f56): the snippet above
-    # is stale there; this is the same breakage in the new code (the cross-key checks skipped).
+      "the Snakefile's check(config) call removed (it resolves the config without config.problems)"),
+    # The same checks skipped in config.py itself, i.e. for check-config and every stage too.
     M("config_checks_skipped", "src/sslpipe/config.py",
       "lines = problems(resolved, origins or {}, data=data, device=device)", "lines = []",
       ("tests/test_checks.py::test_snakefile_refuses_an_impossible_config_before_any_job",),
