@@ -38,6 +38,7 @@ def test_check_config_command_prints_defaults_and_names_a_bad_key(tmp_path, caps
     assert "simclr.views.crop_ratio" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_snakefile_refuses_an_impossible_config_before_any_job(tmp_path):
     """Schema-valid, rejected only by config.check: the Snakefile must call it."""
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**INVERTED_RATIO, "tracking": {"enabled": False}}))
@@ -52,6 +53,7 @@ def test_snakefile_refuses_an_impossible_config_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.slow
 def test_missing_shared_data_fails_under_ci_and_skips_elsewhere(tmp_path):
     """The conftest's switch, on a checkout without ../shared: SSLPIPE_REQUIRE_SHARED=1 (.ci/run)
     turns the cifar_small fixture's skip into a failure."""

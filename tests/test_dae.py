@@ -246,6 +246,7 @@ def test_loss_falls_on_fixed_batch(digits):
 
 
 # ----------------------------------------------------------------------------- diagnostics
+@pytest.mark.slow
 def test_diagnostics_energy_curve_and_pngs(digits, tmp_path):
     _, x = digits
     torch.manual_seed(0)

@@ -30,6 +30,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_supervised_baseline_beats_the_random_encoder(digits_dir, tmp_path):
     cfg = resolve(TINY)
     run = StageRun(None, None)  # tracking off: a run that logs nothing
@@ -57,6 +58,7 @@ def test_supervised_training_is_seeded_and_checks_the_batch_size(digits_dir):
         supervised.train(big, manifest, digits_dir, ytr, 0, cpu, None)
 
 
+@pytest.mark.slow
 def test_rules_give_the_supervised_baseline_the_pretrain_settings(tmp_path):
     """A real Snakemake dry run: the supervised job's config slice carries pretrain and
     channels_last, the pixels job's does not, and neither carries knn_monitor_every (a

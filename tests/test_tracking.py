@@ -246,6 +246,7 @@ def test_tracking_server(mlflow_server, tmp_path, monkeypatch):
     assert len(table) == 2 and table[1].startswith("digits,simclr,1,0.625,0.0,1,")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_error", ["fail", "continue"])
 def test_unreachable_server_fails_fast(store, monkeypatch, capsys, http_env, on_error):
     cfg, h, _ = store

@@ -37,6 +37,7 @@ def test_hooks_with_a_dead_server(tmp_path, monkeypatch, on_error):
             assert "Traceback" not in proc.stderr and '"seeds"' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_init_pipeline_returns_nothing_when_continuing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_uri())
     cfg = resolve({"tracking": {"on_error": "continue"}})
