@@ -289,7 +289,7 @@ def test_policy_and_preview():
     assert json.loads(json.dumps(policy)) == policy
     assert policy["n_views"] == 1 and policy["langevin"] == {
         "mode": "pcd", "langevin_steps": 20, "step_size": 1.0, "noise_std": 0.01, "init_noise": 0.1,
-        "restart": "colour", "data_noise": 0.015}
+        "restart": "data", "data_noise": 0.015}
     assert CD.policy({**cfg, "objective": "hybrid"}, 16)["n_views"] == 2
     torch.manual_seed(0)
     x = to_float(fake(8, 16, lo=100, hi=150))

@@ -115,6 +115,22 @@ def test_policy_carries_corruption_and_preview():
     assert ((clean == 0) | (clean == 1)).float().mean() < 0.05
 
 
+def test_colour_corruption_greys_the_input_and_keeps_the_target():
+    """colour_corruption acts on the encoder's input only: with grayscale_p 1 and nothing masked
+    the input is the grey view (same geometry), while the loss's target keeps the colours."""
+    model = make_dae(mask_ratio=0.0, norm_target=False, colour_corruption={"grayscale_p": 1.0, "jitter_p": 0.0,
+                                                                           "jitter_strength": 0.5})
+    torch.manual_seed(0)
+    v = torch.rand(4, 3, 16, 16)
+    v_tilde, weight = model.corrupt(v)
+    assert torch.allclose(v_tilde, augment.luma(v).expand_as(v), atol=1e-5)   # grey input, no crop/flip
+    assert not torch.allclose(model.target(v), v_tilde)                      # coloured target
+    assert make_dae().colour is None                                         # off by default
+    _, preview = DAE.preview(DAE.policy({**resolve({})["dae"], "mask_ratio": 0.0,
+                                         "colour_corruption": {"grayscale_p": 1.0}}, 16), interior(4))
+    assert (preview - preview.mean(1, keepdim=True)).abs().max() < 1e-5      # the preview shows it
+
+
 def test_mask_fill_and_patch_mask():
     x = interior(64)
     torch.manual_seed(3)

@@ -9,9 +9,11 @@ kick, `mode: pcd` keeps persistent chains in a replay buffer (Tieleman 2008; Du 
 "Your Classifier is Secretly an Energy Based Model and You Should Treat it Like One"):
 x <- x - step_size dE/dx + noise_std eps, 20 steps of step 1 and noise 0.01, a 10k buffer with
 5 % restarts, small Gaussian noise on the data; IGEBM's alpha (E+^2 + E-^2) keeps energies finite.
-Restarts (`restart`): `colour` = per-pixel Gaussian noise with the batch's mean image and its
-3x3 colour covariance (grey digits give grey noise, photos photo-coloured noise), clamped to
-[0, 1]; `uniform` = JEM's U[0, 1] noise.
+Restarts (`restart`): `data` = a Gaussian with the batch's mean image and full pixel covariance
+(JEM++'s informative initialisation, Yang & Ji 2021, which fits one to the data: blurry,
+data-coloured images rather than white noise, so short chains start near the data's manifold);
+`colour` = per-pixel noise with the mean image and the 3x3 colour covariance; `uniform` = JEM's
+U[0, 1] noise. All clamped to [0, 1].
 
 BatchNorm. Evaluation rebuilds the shared backbone (with BatchNorm) from `model` and compares it
 with the random-init encoder of the same config, so the method keeps that backbone (models.py is
@@ -131,6 +133,22 @@ def colour_noise(ref: Tensor, n: int) -> Tensor:
         return (mu + torch.einsum("cd,ndhw->nchw", root, eps)).clamp_(0, 1)
 
 
+def data_gaussian(ref: Tensor, n: int) -> Tensor:
+    """n draws of N(mu, Sigma), mu and Sigma ref's mean image and pixel covariance (rank <= M - 1):
+    x = mu + eps D / sqrt(M - 1), D the M centred images, eps ~ N(0, I_M) per draw (no CHW x CHW
+    matrix is formed). ref: M x C x H x W in [0, 1] -> n x C x H x W in [0, 1] (clamped), fp32."""
+    with torch.autocast(ref.device.type, enabled=False):
+        ref = ref.float()
+        mu = ref.mean(0, keepdim=True)                                    # mu: 1 x C x H x W
+        d = (ref - mu).flatten(1)                                         # D: M x CHW
+        eps = torch.randn(n, len(ref), device=ref.device) / max(len(ref) - 1, 1) ** 0.5  # n x M
+        return (mu + (eps @ d).view(n, *ref.shape[1:])).clamp_(0, 1)
+
+
+RESTARTS = {"data": data_gaussian, "colour": colour_noise,
+            "uniform": lambda ref, n: torch.rand(n, *ref.shape[1:], device=ref.device)}
+
+
 def pcd_draw(buffer_size: int, n: int, reinit_fraction: float, device: torch.device) -> tuple[Tensor, Tensor]:
     """Replay-buffer slots for n chains (distinct when n <= buffer_size, so the write-back is
     unambiguous) and a mask of those to restart (JEM, IGEBM: ~5 %)."""
@@ -158,8 +176,7 @@ class CD(nn.Module):
     def preview(policy: dict, x: Tensor) -> list[Tensor]:
         # Negatives need a trained model; the last column shows where a chain starts instead.
         views, s = ViewMaker(policy)(x), policy["langevin"]
-        start = kick(views[0], s["init_noise"]) if s["mode"] == "cd" else (
-            colour_noise(views[0], len(x)) if s["restart"] == "colour" else torch.rand_like(views[0]))
+        start = kick(views[0], s["init_noise"]) if s["mode"] == "cd" else RESTARTS[s["restart"]](views[0], len(x))
         return [*views, start]
 
     def __init__(self, encoder: Encoder, cfg: dict, policy: dict, num_train: int):
@@ -206,26 +223,26 @@ class CD(nn.Module):
         with self.bn_eval():
             return self.energy_of(self.encoder(x))
 
-    def restart(self, ref: Tensor, n: int) -> Tensor:
-        return colour_noise(ref, n) if self.sampler["restart"] == "colour" else torch.rand(n, *ref.shape[1:], device=ref.device)
+    def restart(self, ref: Tensor, n: int) -> Tensor:  # ref: the batch whose statistics restarts share
+        return RESTARTS[self.sampler["restart"]](ref, n)
 
     def sample(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         """SGLD negatives and drift from starting points x0 (N x 3 x H x W in [0, 1]), detached."""
         s = self.sampler
         return langevin(self.energy, x0, s["langevin_steps"], s["step_size"], s["noise_std"])
 
-    def starts(self, x_pos: Tensor, m: int, reinit_fraction: float) -> tuple[Tensor, Tensor | None]:
-        """m chain starts (and their buffer slots in pcd mode, else None)."""
+    def starts(self, x_pos: Tensor, m: int, reinit_fraction: float, ref: Tensor) -> tuple[Tensor, Tensor | None]:
+        """m chain starts (and their buffer slots in pcd mode, else None); restarts from `ref`'s statistics."""
         if self.sampler["mode"] == "cd":
             return kick(x_pos[:m], self.sampler["init_noise"]), None
         if not self._filled:
             if not bool(self.filled):
-                self.buffer.copy_(self.restart(x_pos, len(self.buffer)).to(self.buffer.dtype))
+                self.buffer.copy_(self.restart(ref, len(self.buffer)).to(self.buffer.dtype))
                 self.filled.fill_(True)
             self._filled = True
         slots, reinit = pcd_draw(len(self.buffer), m, reinit_fraction, x_pos.device)
         x0 = self.buffer[slots].float()
-        return torch.where(reinit[:, None, None, None], self.restart(x_pos, m), x0), slots
+        return torch.where(reinit[:, None, None, None], self.restart(ref, m), x0), slots
 
     def loss(self, x: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.cfg
@@ -233,7 +250,7 @@ class CD(nn.Module):
         n = len(views[0])
         m = min(c["negatives"] or n, n)
         x_pos = kick(views[0][:m], self.sampler["data_noise"])           # JEM: noisy data
-        x0, slots = self.starts(x_pos, m, c["reinit_fraction"])
+        x0, slots = self.starts(x_pos, m, c["reinit_fraction"], ref=views[0])
         x_neg, drift = self.sample(x0)
         e = self.energy(torch.cat([x_pos, x_neg.to(x_pos.dtype)]))        # e: 2M
         e_pos, e_neg = e.chunk(2)
@@ -252,7 +269,7 @@ class CD(nn.Module):
             self.buffer[slots] = x_neg.to(self.buffer.dtype)
         l_cd = cd_loss(e_pos, e_neg, c["alpha"])
         with torch.no_grad():
-            e_noise = self.energy(self.restart(x_pos, 16)).mean()
+            e_noise = self.energy(self.restart(views[0], 16)).mean()
         logs = {"e_pos": e_pos.mean(), "e_neg": e_neg.mean(), "e_gap": e_pos.mean() - e_neg.mean(),
                 "e_noise": e_noise, "drift_noise": drift / max(self.sampler["noise_std"], 1e-12),
                 "neg_spread": spread_ratio, "l_cd": l_cd}
@@ -274,7 +291,7 @@ class CD(nn.Module):
         was_training = self.training
         self.eval()
         x01 = to_float(x)
-        x0, _ = self.starts(x01, len(x01), 0.0)  # pcd: a fresh run from the buffer, not written back
+        x0, _ = self.starts(x01, len(x01), 0.0, ref=x01)  # pcd: a fresh run from the buffer, not written back
         x_neg, drift = self.sample(x0)
         energies = {name: self.energy(v).cpu().numpy()
                     for name, v in (("data", x01), ("negatives", x_neg), ("noise", self.restart(x01, len(x01))))}

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sslpipe.augment import ViewMaker, corrupt, patch_mask, to_float
+from sslpipe.augment import ViewMaker, ViewPipeline, corrupt, patch_mask, to_float
 from sslpipe.io import atomic_path, make_grid, save_png
 from sslpipe.methods.shared import view_policy
 from sslpipe.models import Encoder, spatial_features
@@ -104,6 +104,19 @@ class Decoder(nn.Module):
         return torch.sigmoid(logits) if self.out_sigmoid else logits
 
 
+def colour_pipeline(policy: dict) -> ViewPipeline | None:
+    """The colour part of q (jitter, grayscale; `colour_corruption`), None when off: the input
+    loses its colours, the target keeps them, so g(f(.)) must colourise as well as inpaint
+    (Zhang et al. 2016, "Colorful Image Colorization", a pretext whose features probe linearly
+    better than inpainting's). Same image geometry: a whole-image box, no flip."""
+    colour = policy.get("colour_corruption") or {}
+    if not (colour.get("jitter_p", 0) > 0 or colour.get("grayscale_p", 0) > 0):
+        return None
+    views = {**policy["views"], "crop_scale": [1.0, 1.0], "crop_ratio": [1.0, 1.0], "flip_p": 0.0,
+             "blur_p": 0.0, "solarize_p": 0.0, **colour}
+    return ViewPipeline(views, policy["image_size"])
+
+
 class DAE(nn.Module):
     name = "dae"
 
@@ -111,12 +124,14 @@ class DAE(nn.Module):
     def policy(cfg: dict, image_size: int) -> dict:
         corruption = {"kind": cfg["corruption"], "noise_std": cfg["noise_std"], "mask_ratio": cfg["mask_ratio"],
                       "mask_patch": cfg["mask_patch"], "salt_pepper": cfg["salt_pepper"]}
-        return view_policy("dae", cfg["views"], image_size, n_views=1, corruption=corruption)
+        return view_policy("dae", cfg["views"], image_size, n_views=1, corruption=corruption,
+                           colour_corruption=dict(cfg["colour_corruption"]))
 
     @staticmethod
     def preview(policy: dict, x: Tensor) -> list[Tensor]:
         v = ViewMaker(policy)(x, 1)[0]
-        return [v, corrupt(v, **policy["corruption"], fill=0.5)]
+        colour = colour_pipeline(policy)
+        return [v, corrupt(colour(v) if colour else v, **policy["corruption"], fill=0.5)]
 
     def __init__(self, encoder: Encoder, cfg: dict, policy: dict, num_train: int):
         super().__init__()
@@ -128,6 +143,7 @@ class DAE(nn.Module):
                                out_sigmoid=not self.norm_target)
         self.views = ViewMaker(policy)
         self.corruption = dict(policy["corruption"])  # from the validated policy, not cfg
+        self.colour = colour_pipeline(policy)
 
     def corrupt(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """x~ ~ q(x~ | x) and the loss weight per pixel (N x 1 x H x W): for `mask`, masked patches
@@ -135,6 +151,8 @@ class DAE(nn.Module):
         `visible_weight`; the other corruptions weigh every pixel 1."""
         c = self.corruption
         n, _, h, w = v.shape
+        if self.colour is not None:  # colour corruption of the input only; the target stays v
+            v = self.colour(v)
         if c["kind"] != "mask":
             return corrupt(v, **c), torch.ones(n, 1, h, w, device=v.device)
         masked = patch_mask(n, h, w, c["mask_ratio"], c["mask_patch"], v.device)
