@@ -235,3 +235,17 @@ def test_test_features_are_standardised_with_training_statistics_only():
     few = ev.label_efficient_probe(ftr.float(), ytr, fte.float(), yte, 2, 0.1, {
         "weight_decays": [0.0], "val_fraction": 0.2, "probe_steps": 50}, 0, full_data_wd=0.0)
     assert few["linear_top1_10pct"] == 1.0, few
+
+
+def test_confusion_matrix_counts_test_predictions_by_true_class():
+    """Rows are true classes, columns predictions: a class whose test points sit on another's side
+    lands off the diagonal, and the diagonal's share is linear top-1."""
+    g = torch.Generator().manual_seed(0)
+    ytr = np.tile([0, 1, 2], 60)
+    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+    ftr = centres[ytr] + 0.2 * torch.randn(180, 2, generator=g)
+    yte = np.repeat([0, 1, 2], 10)
+    fte = centres[np.where(yte == 2, 1, yte)] + 0.2 * torch.randn(30, 2, generator=g)  # class 2 looks like 1
+    out = ev.linear_probe(ftr, ytr, fte, yte, 3, [0.0], 0.2, 50, seed=0)
+    assert out["linear_confusion"] == [[10, 0, 0], [0, 10, 0], [0, 10, 0]]
+    assert out["linear_top1"] == pytest.approx(20 / 30)

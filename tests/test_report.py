@@ -163,12 +163,14 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
     assert DATASET in text
 
     summary = next(t for t in page.tables if t[0][:3] == ["rank", "name", "kind"])
-    assert summary[0][3:] == ["Linear top-1", "Linear top-5", "kNN top-1"]
+    assert summary[0][3:] == ["Linear top-1", "Linear top-5", "kNN top-1", "pretrain (s)", "images/s"]
     assert [r[1] for r in summary[1:]] == RANKED
     for row in summary[1:]:
         name = row[1]
         assert row[2] == ("ssl" if name in METHODS else "baseline")
-        assert row[3:] == [_fmt(TOP1[name]), _fmt(TOP5[name]), _fmt(KNN[name])]
+        assert row[3:6] == [_fmt(TOP1[name]), _fmt(TOP5[name]), _fmt(KNN[name])]
+        # Cost: the method's pretraining (mean over seeds); baselines that do not train have none.
+        assert row[6:] == (["4.5", "1234"] if name in METHODS else ["—", "—"])
     assert "Beat every baseline (pixels, random) on linear top-1: simclr." in text
     assert res["beat_all_baselines"] == ["simclr"]
     # The wording follows the paired intervals: dae is clearly below pixels, clearly above random.
@@ -185,7 +187,12 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
         assert src.startswith("data:image/png;base64,")
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     assert "reconstructions (seed 0)" in text and "loss (seed 1)" not in text
-    assert not re.search(r'(src|href)="(?!data:)', page_src := (out / "report.html").read_text(encoding="utf-8"))
+    page_src = (out / "report.html").read_text(encoding="utf-8")
+    # Self-contained: pictures inline; links only to its own sections and to MLflow run pages.
+    assert not re.search(r'src="(?!data:)', page_src)
+    assert not re.search(r'href="(?!#|http://127\.0\.0\.1:5000/#/(runs|experiments)/)', page_src)
+    assert '<a href="http://127.0.0.1:5000/#/runs/eval-simclr-1">eval-simclr-1</a>' in page_src
+    assert '<a href="http://127.0.0.1:5000/#/experiments/7">Open the experiment</a>' in page_src
 
     runs = next(t for t in page.tables if "eval run id" in t[0])
     assert ["simclr", "1", "ssl", "64", "0.0001", "pre-simclr-1", "eval-simclr-1"] in runs
@@ -253,10 +260,10 @@ def test_optional_sections(optional: Path, tmp_path: Path) -> None:
 
     summary = next(t for t in page.tables if t[0][:3] == ["rank", "name", "kind"])
     assert summary[0][3:] == ["Linear top-1", "Linear top-5", "kNN top-1", "Linear top-1 (1% labels)",
-                              "Linear top-1 (10% labels)"]  # by label fraction, not as text
+                              "Linear top-1 (10% labels)", "pretrain (s)", "images/s"]  # by label fraction, not as text
     assert [r[1] for r in summary[1:]] == ["supervised"] + RANKED
     for row in summary[1:]:
-        assert row[6:] == [_fmt(PCT1[row[1]]), _fmt(PCT10[row[1]])]
+        assert row[6:8] == [_fmt(PCT1[row[1]]), _fmt(PCT10[row[1]])]
     assert "n = number of seeds" in text
     assert res["beat_all_baselines"] == ["simclr"]  # the supervised reference is not a bar to clear
     assert "Beat every baseline (pixels, random) on linear top-1: simclr." in text
@@ -269,7 +276,9 @@ def test_optional_sections(optional: Path, tmp_path: Path) -> None:
     assert caps == ["Linear top-1 by method", "Each method minus each baseline, linear top-1, with 95 % paired intervals",
                     "Pretraining loss curves", "kNN monitor curves",
                     "simclr embedding of test features (seed 0)", "pixels embedding of test features (seed 0)",
-                    "dae augmentation preview", "dae energy vs corruption (seed 0)", "simclr augmentation preview"]
+                    "dae augmentation preview (rows: training images; columns: original, clean view, corrupted input)",
+                    "dae energy vs corruption (seed 0)",
+                    "simclr augmentation preview (rows: training images; columns: original, view 1, view 2)"]
     embedded = dict(zip(caps, page.imgs))
     assert base64.b64decode(embedded["pixels embedding of test features (seed 0)"].split(",", 1)[1]) == (
         optional / "linear_eval/pixels/seed0/embedding.png").read_bytes()
@@ -340,7 +349,8 @@ def test_markdown_has_tables(results: Path, tmp_path: Path) -> None:
     for i, name in enumerate(RANKED, 1):
         kind = "ssl" if name in METHODS else "baseline"
         assert f"| {i} | {name} | {kind} | {_fmt(TOP1[name])} | {_fmt(TOP5[name])} | {_fmt(KNN[name])} |" in md
-    assert "| simclr | 0 | ssl | 64 | 0.0001 | pre-simclr-0 | eval-simclr-0 |" in md
+    assert ("| simclr | 0 | ssl | 64 | 0.0001 | [pre-simclr-0](http://127.0.0.1:5000/#/runs/pre-simclr-0) | "
+            "[eval-simclr-0](http://127.0.0.1:5000/#/runs/eval-simclr-0) |") in md
     assert "data:image" not in md and "<script>" in md  # Markdown is plain text, not HTML-escaped
     assert "```yaml" in md
 
@@ -383,3 +393,35 @@ def test_without_predictions_no_claim(results: Path, tmp_path: Path) -> None:
     res = build_report(results, DATASET, METHODS, SEEDS, BASELINES, tmp_path / "out")
     assert res["comparisons"] == [] and res["beat_all_baselines"] == []
     assert "no method is said to beat a baseline" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_report_holds_each_section(optional: Path, tmp_path: Path) -> None:
+    """The table of contents lists every section and links to it; report.md carries the same
+    figures as files beside it; previews get column headers; confusion matrices when present."""
+    Image.new("RGB", (4 * 32, 4 * 22), "red").save(optional / "augment/simclr/preview.png")  # make_grid: 3 x 2 tiles of 8 px
+    for path in optional.glob("linear_eval/*/seed*/metrics.json"):
+        m = json.loads(path.read_text())
+        _json(path, {**m, "linear_confusion": (np.eye(10, dtype=int) * 30).tolist()})
+    out = tmp_path / "sec"
+    build_report(optional, DATASET, METHODS, SEEDS, BASELINES + ["supervised"], out, PROVENANCE)
+    html = (out / "report.html").read_text(encoding="utf-8")
+    toc = re.search(r'<nav class="toc">(.*?)</nav>', html).group(1)
+    sections = re.findall(r'<a href="#([^"]+)">([^<]+)</a>', toc)
+    assert [t for _, t in sections] == ["Summary", "Training curves", "Embeddings", "Confusion matrices",
+                                        "Method: dae", "Method: simclr", "MLflow runs", "Provenance"]
+    for anchor, title in sections:
+        assert f'<h2 id="{anchor}">{title}</h2>' in html
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "- [Method: simclr](#method-simclr)" in md
+    linked = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", md)
+    assert {"figures/accuracy.png", "figures/loss.png", "figures/confusion.png", "figures/embedding_pixels.png",
+            "figures/preview_simclr.png"} <= set(linked)
+    for rel in linked:  # each figure is a real PNG, and the very bytes the HTML inlines
+        data = (out / rel).read_bytes()
+        Image.open(io.BytesIO(data)).verify()
+        assert base64.b64encode(data).decode() in html
+    raw = Image.open(optional / "augment/simclr/preview.png").size
+    headed = Image.open(out / "figures/preview_simclr.png").size
+    assert headed[1] > raw[1]  # a header band above the columns
+    # Small diagnostics are enlarged (nearest neighbour) to be readable: an 8 px test PNG becomes 480 px wide.
+    assert Image.open(out / "figures/dae_dae_energy_vs_corruption_seed0.png").size[0] >= 480

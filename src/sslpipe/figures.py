@@ -1,4 +1,5 @@
-"""The report's figures, as PNG bytes: accuracy dot plot, paired-difference forest plot, curves.
+"""The report's figures, as PNG bytes: accuracy dot plot, paired-difference forest plot, curves
+(small multiples per method), previews with column headers, confusion matrices.
 
 matplotlib's Figure (not pyplot) keeps no global state and needs no GUI backend: safe in jobs.
 """
@@ -84,5 +85,113 @@ def curve_chart(histories: dict[str, list[pd.DataFrame]], column: str, ylabel: s
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: covers no band
+    return fig_png(fig)
+
+
+def small_multiples(histories: dict[str, list[pd.DataFrame]], column: str, ylabel: str, title: str,
+                    scale: float = 1.0, ncols: int = 5) -> bytes:
+    """One panel per method, each on its own y axis (the objectives differ in scale and sign:
+    PIRL's loss is ~10, the DAE's ~0, CD's can be negative): seed mean, ±std band, final value."""
+    names = list(histories)
+    ncols = max(1, min(ncols, len(names)))
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(2.9 * ncols, 2.4 * nrows + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax, method in zip(axes, names):
+        dfs = histories[method]
+        g = pd.concat(dfs)[["epoch", column]].dropna().groupby("epoch")[column]
+        mean, std = scale * g.mean(), scale * g.std().fillna(0.0)
+        ax.plot(mean.index, mean.values, marker="o" if len(mean) < 20 else None, ms=3, color="tab:blue")
+        if len(dfs) > 1:
+            ax.fill_between(mean.index, mean - std, mean + std, alpha=0.25, color="tab:blue")
+        if len(mean):
+            ax.annotate(f"{mean.values[-1]:.3g}", (mean.index[-1], mean.values[-1]), textcoords="offset points",
+                        xytext=(-4, 6), ha="right", fontsize="small")
+        ax.set_title(f"{method} (n={len(dfs)})", fontsize="medium")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize="small")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel, fontsize="small")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig_png(fig)
+
+
+def grid_columns(width: int, height: int, tile: int, padding: int = 2) -> tuple[int, int]:
+    """(columns, enlargement factor) of a torchvision make_grid picture of tile x tile images,
+    enlarged by an integer factor (io.save_png); (0, 1) if no factor fits."""
+    for f in range(1, 65):
+        if width % f == 0 and height % f == 0:
+            w, h = width // f - padding, height // f - padding
+            if w > 0 and h > 0 and w % (tile + padding) == 0 and h % (tile + padding) == 0:
+                return w // (tile + padding), f
+    return 0, 1
+
+
+def preview_with_headers(png: bytes, tile: int, labels: list[str]) -> bytes:
+    """The augmentation preview (rows: images; columns: the original, then each view) with a
+    header over each column; unchanged when its columns cannot be told."""
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    h, w = img.shape[:2]
+    cols, f = grid_columns(w, h, tile)
+    if not cols:
+        return png
+    labels = (labels + [f"view {i}" for i in range(len(labels), cols)])[:cols]
+    dpi = 110
+    fig = Figure(figsize=(max(w, 110 * cols) / dpi, h / dpi + 0.4), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, h / (h + 0.4 * dpi)))
+    ax.imshow(img, interpolation="nearest", aspect="auto")
+    ax.set_xticks([f * (2 + c * (tile + 2) + tile / 2) for c in range(cols)], labels, fontsize="small")
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return fig_png(fig)
+
+
+def enlarge(png: bytes, min_width: int = 480) -> bytes:
+    """Small pictures (a grid of 16 px samples) enlarged by an integer factor, pixels kept sharp."""
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(png))
+    factor = -(-min_width // im.width)
+    if factor <= 1:
+        return png
+    buf = io.BytesIO()
+    im.resize((im.width * factor, im.height * factor), Image.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def confusion_grid(matrices: dict[str, np.ndarray], class_names: list[str] | None, ncols: int = 4) -> bytes:
+    """Row-normalised confusion matrices of the linear probe on the test set (summed over seeds),
+    one panel per model; the diagonal is each class's accuracy."""
+    names = list(matrices)
+    ncols = max(1, min(ncols, len(names)))
+    nrows = -(-len(names) // ncols)
+    fig = Figure(figsize=(2.8 * ncols + 0.8, 2.8 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    im = None
+    for ax, name in zip(axes, names):
+        m = np.asarray(matrices[name], dtype=float)
+        rows = m / np.maximum(m.sum(1, keepdims=True), 1)
+        im = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
+        k = len(m)
+        ticks = class_names if class_names and len(class_names) == k and k <= 10 else [str(i) for i in range(k)]
+        step = max(1, k // 10)
+        ax.set_xticks(range(0, k, step), ticks[::step], fontsize=6, rotation=90)
+        ax.set_yticks(range(0, k, step), ticks[::step], fontsize=6)
+        ax.set_title(f"{name}: {100 * np.trace(m) / max(m.sum(), 1):.1f}%", fontsize="medium")
+    axes[0].set_ylabel("true class", fontsize="small")
+    for ax in axes[len(names):]:
+        ax.set_visible(False)
+    for ax in axes[(nrows - 1) * ncols:len(names)]:
+        ax.set_xlabel("predicted class", fontsize="small")
+    if im is not None:
+        fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="fraction of the true class")
     return fig_png(fig)

@@ -10,14 +10,15 @@ Optional inputs get a section only when they exist: validation kNN-monitor curve
 probes (`linear_top1_<p>pct` keys of metrics.json), method diagnostics (other PNGs of a pretrain
 folder) and wall time per job (Snakemake benchmark TSVs).
 
-The HTML is self-contained (inline CSS, figures as base64 PNG data URIs) so it can be mailed
-or attached to an MLflow run without its results folder. Every output goes through
-`sslpipe.io` atomic writes, so a killed job never leaves a half-written report behind.
+The HTML is self-contained (inline CSS, figures as base64 PNG data URIs; its only links are
+its own contents and the MLflow run pages) so it can be mailed or attached to an MLflow run
+without its results folder; report.md links the same figures as files in figures/ beside it
+(`sslpipe.reportdoc`). Every output goes through `sslpipe.io` atomic writes, so a killed job
+never leaves a half-written report behind.
 """
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import re
@@ -25,20 +26,22 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from . import figures as fig
 from . import metrics as mt
-from .io import atomic_path, read_json
+from .io import read_json
+from .reportdoc import Doc, Link, num as _num, write_text as _write_text
 
 KNN_COLUMN = "val_knn_top1"  # the pretraining monitor's column in history.csv (validation split)
 # PNGs in a pretrain run folder that are not method diagnostics (the report draws its own plots).
 STANDARD_PNGS = frozenset({"loss.png", "loss_curve.png", "preview.png"})
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left}
-th{background:#f3f3f3}tr.baseline td{color:#666;font-style:italic}img{max-width:100%}
-figure{display:inline-block;margin:.5em}pre{background:#f6f8fa;padding:.8em;overflow-x:auto}
-.warn{color:#a40000;font-weight:bold}"""
+# What each column of a method's augmentation preview shows (methods/*.py `preview`), after the original.
+PREVIEW_COLUMNS = {"simclr": ["view 1", "view 2"], "moco": ["query view", "key view"],
+                   "pirl": ["view of I", "jigsaw tiles in place", "tiles as trained"],
+                   "dae": ["clean view", "corrupted input"], "cd": ["view 1", "view 2", "chain start"]}
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
 
 
 # ----------------------------------------------------------------------------- reading inputs
@@ -51,12 +54,6 @@ def _require(path: Path) -> Path:
 
 def _load_json(path: Path) -> Any:
     return read_json(_require(path))
-
-
-def _write_text(path: Path, text: str) -> None:
-    # Like io.write_text but pinned to UTF-8: the report contains "±" whatever the job's locale.
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _load_benchmark(path: Path) -> float:
@@ -119,65 +116,33 @@ def _knn_histories(histories: dict[str, list[pd.DataFrame]]) -> dict[str, list[p
     return {m: dfs for m, dfs in out.items() if dfs}
 
 
-# ----------------------------------------------------------------------------- rendering helpers
-def _esc(v: Any) -> str:
-    return html.escape("—" if v is None else str(v))
-
-
-def _html_table(header: list[str], body: list[list[Any]], row_classes: list[str] | None = None) -> str:
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    trs = []
-    for i, cells in enumerate(body):
-        cls = f' class="{_esc(row_classes[i])}"' if row_classes else ""
-        trs.append(f"<tr{cls}>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table>"
-
-
-def _md_table(header: list[str], body: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:  # pipes and newlines would break the Markdown table grid
-        return ("—" if v is None else str(v)).replace("|", "\\|").replace("\n", " ")
-    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in body]
-    return "\n".join(lines)
-
-
-def _img(uri: str, caption: str) -> str:
-    return f'<figure><img src="{uri}" alt="{_esc(caption)}"><figcaption>{_esc(caption)}</figcaption></figure>'
-
-
-def _num(v: Any, fmt: str) -> str:
-    return "—" if v is None else format(float(v), fmt)
-
-
-class _Doc:
-    """Builds the HTML and Markdown side by side so both always carry the same tables."""
-
-    def __init__(self) -> None:
-        self.html: list[str] = []
-        self.md: list[str] = []
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.html.append(f"<h{level}>{_esc(text)}</h{level}>")
-        self.md.append("#" * level + " " + text)
-
-    def para(self, text: str, cls: str = "") -> None:
-        self.html.append(f'<p class="{cls}">{_esc(text)}</p>' if cls else f"<p>{_esc(text)}</p>")
-        self.md.append(f"**{text}**" if cls else text)
-
-    def table(self, header: list[str], body: list[list[Any]], row_classes: list[str] | None = None) -> None:
-        self.html.append(_html_table(header, body, row_classes))
-        self.md.append(_md_table(header, body))
-
-    def code(self, summary: str, text: str, lang: str) -> None:
-        self.html.append(f"<details><summary>{_esc(summary)}</summary><pre>{_esc(text)}</pre></details>")
-        self.md.append(f"{summary}:\n\n```{lang}\n{text.rstrip()}\n```")
-
-    def raw_html(self, fragment: str) -> None:  # figures: HTML only, the Markdown stays text
-        self.html.append(fragment)
-
-
 # ----------------------------------------------------------------------------- report sections
-def _claims_section(doc: _Doc, comps: list[dict], methods: list[str], bars: list[str], winners: list[str],
+def _mlflow(provenance: dict | None):
+    """run id -> Link to its MLflow run page: the tracking server itself for an http(s) URI, else
+    `mlflow ui` on its default address (`mlflow ui --backend-store-uri <the store>`)."""
+    uri = str((provenance or {}).get("tracking_uri") or (provenance or {}).get("mlflow_tracking_uri") or "")
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
+    on = bool(uri) and uri != "off"
+
+    def link(rid: str | None, text: str | None = None) -> Link:
+        return Link(text or rid, f"{base}/#/runs/{rid}" if on and rid else None)
+    return link, base, on
+
+
+def _cost(name: str, kind: str, root: Path, seeds: list[int], metrics: dict) -> list[str]:
+    """Pretraining wall time (s) and images/s, mean over seeds: the method's own training, or the
+    supervised baseline's; nothing for baselines that do not train."""
+    if kind == "ssl":
+        ss = [_load_json(root / "pretrain" / name / f"seed{s}" / "summary.json") for s in seeds]
+        wall, ips = [x.get("wall_time_s") for x in ss], [x.get("images_per_s") for x in ss]
+    else:
+        wall = [metrics[(name, s)].get("supervised_train_s") for s in seeds]
+        ips = [metrics[(name, s)].get("supervised_images_per_s") for s in seeds]
+    mean = lambda v: None if None in v else statistics.mean(v)  # noqa: E731
+    return [_num(mean(wall), ".1f"), _num(mean(ips), ".0f")]
+
+
+def _claims_section(doc: Doc, comps: list[dict], methods: list[str], bars: list[str], winners: list[str],
                     baselines: list[str]) -> None:
     """What the numbers support, in words that follow the paired intervals (sslpipe.metrics)."""
     doc.heading("Does pretraining beat the baselines?", 3)
@@ -194,9 +159,7 @@ def _claims_section(doc: _Doc, comps: list[dict], methods: list[str], bars: list
              f"{first['n_seeds']} seed(s) x {first['n_images']} test images, seed s of a method against seed s "
              f"of the baseline on the same images. One test image is {100 / first['n_images']:.2f} points.")
     doc.para(f"Beat every baseline ({', '.join(bars)}) on linear top-1: {', '.join(winners) or 'none'}.")
-    lines = [mt.sentence(c) + "." for c in comps if c["metric"] == "linear_top1" and c["baseline"] in bars]
-    doc.html.append("<ul>" + "".join(f"<li>{_esc(t)}</li>" for t in lines) + "</ul>")
-    doc.md.append("\n".join(f"- {t}" for t in lines))
+    doc.bullets([mt.sentence(c) + "." for c in comps if c["metric"] == "linear_top1" and c["baseline"] in bars])
     metrics = list(dict.fromkeys(c["metric"] for c in comps))
     body = [[m, b] + [next((f"{mt.fmt_ci(c)} {c['verdict']}" for c in comps
                             if c["method"] == m and c["baseline"] == b and c["metric"] == k), "—") for k in metrics]
@@ -204,12 +167,13 @@ def _claims_section(doc: _Doc, comps: list[dict], methods: list[str], bars: list
     doc.table(["method", "against"] + [f"{mt.label(k)}: Δ points [95 % CI]" for k in metrics], body)
 
 
-
-def _method_section(doc: _Doc, root: Path, method: str, seeds: list[int], metrics: dict) -> None:
+def _method_section(doc: Doc, root: Path, method: str, seeds: list[int], metrics: dict, tile: int, link) -> None:
     doc.heading(f"Method: {method}")
     aug = root / "augment" / method
     preview = _require(aug / "preview.png").read_bytes()
-    doc.raw_html(_img(fig.png_uri(preview), f"{method} augmentation preview"))
+    labels = ["original"] + PREVIEW_COLUMNS.get(method, [])
+    doc.figure(f"preview_{method}", fig.preview_with_headers(preview, tile, labels),
+               f"{method} augmentation preview (rows: training images; columns: {', '.join(labels)})")
     policy = _load_json(aug / "policy.json")
     doc.code("Augmentation policy", json.dumps(policy, indent=2, sort_keys=True), "json")
     if (aug / "benchmark.json").is_file():  # optional: only when the augment benchmark ran
@@ -220,26 +184,40 @@ def _method_section(doc: _Doc, root: Path, method: str, seeds: list[int], metric
         run = root / "pretrain" / method / f"seed{seed}"
         s = _load_json(run / "summary.json")
         m = metrics[(method, seed)]
-        body.append([seed, s.get("device"), s.get("precision"), s.get("epochs"), _num(s.get("final_loss"), ".4f"),
-                     _num(s.get("wall_time_s"), ".1f"), _num(s.get("images_per_s"), ".1f"),
-                     _num(100 * m["linear_top1"], ".1f")])
+        body.append([seed, s.get("device"), str(s.get("precision")).replace("torch.", ""), s.get("epochs"),
+                     _num(s.get("final_loss"), ".4f"), _num(s.get("wall_time_s"), ".1f"),
+                     _num(s.get("images_per_s"), ".1f"), _num(100 * m["linear_top1"], ".1f"),
+                     link(s.get("run_id"), "pretrain run") if s.get("run_id") else "—"])
         # Method-specific diagnostics (reconstructions, energy histograms...): embed whatever exists.
         extras += [(p, seed) for p in sorted(run.glob("*.png")) if p.name not in STANDARD_PNGS]
     doc.table(["seed", "device", "precision", "epochs", "final loss", "wall time (s)", "images/s",
-               "linear top-1 (%)"], body)
+               "linear top-1 (%)", "MLflow"], body)
+    doc.begin_grid()
     for path, seed in extras:  # "dae_energy_vs_corruption" -> "dae energy vs corruption (seed 0)"
-        doc.raw_html(_img(fig.png_uri(path.read_bytes()), f"{path.stem.replace('_', ' ')} (seed {seed})"))
+        doc.figure(f"{method}_{path.stem}_seed{seed}", fig.enlarge(path.read_bytes()),
+                   f"{path.stem.replace('_', ' ')} (seed {seed})")
+    doc.end_grid()
 
 
-def _embeddings_section(doc: _Doc, root: Path, names: list[str], seed: int) -> None:
+def _pictures_section(doc: Doc, root: Path, names: list[str], seed: int, metrics: dict, classes) -> None:
+    """Embeddings (PCA of the test features, one seed) in a grid, then the probes' confusion matrices."""
     found = [(n, p) for n in names if (p := root / "linear_eval" / n / f"seed{seed}" / "embedding.png").is_file()]
     if found:
         doc.heading("Embeddings")
+        doc.begin_grid()
         for name, path in found:
-            doc.raw_html(_img(fig.png_uri(path.read_bytes()), f"{name} embedding of test features (seed {seed})"))
+            doc.figure(f"embedding_{name}", path.read_bytes(), f"{name} embedding of test features (seed {seed})")
+        doc.end_grid()
+    conf = {n: np.sum([metrics[k]["linear_confusion"] for k in metrics if k[0] == n], axis=0) for n in names
+            if all("linear_confusion" in metrics[k] for k in metrics if k[0] == n)}
+    if conf:
+        doc.heading("Confusion matrices")
+        doc.para("Linear probe on the test set, summed over seeds; each row (true class) sums to 1, so the "
+                 "diagonal is each class's accuracy.")
+        doc.figure("confusion", fig.confusion_grid(conf, classes), "Confusion matrices of the linear probe")
 
 
-def _wall_time_section(doc: _Doc, jobs: list[tuple]) -> None:
+def _wall_time_section(doc: Doc, jobs: list[tuple]) -> None:
     stages: dict[str, list[float]] = {}
     for stage, _, _, sec in jobs:
         stages.setdefault(stage, []).append(sec)
@@ -251,7 +229,30 @@ def _wall_time_section(doc: _Doc, jobs: list[tuple]) -> None:
     doc.table(["stage", "name", "seed", "wall time (s)"], [[st, n, sd, _num(sec, ".1f")] for st, n, sd, sec in jobs])
 
 
-def _provenance_section(doc: _Doc, provenance: dict | None, jobs: list[tuple]) -> None:
+def _runs_section(doc: Doc, root: Path, metrics: dict, kinds: dict, provenance: dict | None) -> None:
+    link, base, on = _mlflow(provenance)
+    doc.heading("MLflow runs")
+    eid = (provenance or {}).get("experiment_id")
+    if on:
+        doc.para(f"Links open the runs in the MLflow UI at {base}"
+                 + ("" if base != MLFLOW_UI else f" (start it with: mlflow ui --backend-store-uri "
+                                                 f"{provenance.get('tracking_uri') or provenance.get('mlflow_tracking_uri')})")
+                 + ". Compare methods there: filter tags.sslpipe.stage = 'linear_eval', group by tags.sslpipe.method, "
+                   "chart view.", link=Link("Open the experiment", f"{base}/#/experiments/{eid}") if eid else None)
+    run_rows = []
+    for (name, seed), m in metrics.items():
+        pre = m.get("pretrain_run_id")
+        if kinds[name] == "ssl":
+            pre_summary = read_json(root / "pretrain" / name / f"seed{seed}" / "summary.json").get("run_id")
+            if pre and pre_summary and pre != pre_summary:  # eval of a stale pretrain run
+                pre = f"{pre} (≠ pretrain summary {pre_summary})"
+            pre = pre or pre_summary
+        run_rows.append([name, seed, kinds[name], m.get("feature_dim"), m.get("probe_weight_decay"),
+                         link(pre) if pre and "≠" not in pre else pre, link(m.get("run_id")) if m.get("run_id") else None])
+    doc.table(["name", "seed", "kind", "feature dim", "probe weight decay", "pretrain run id", "eval run id"], run_rows)
+
+
+def _provenance_section(doc: Doc, provenance: dict | None, jobs: list[tuple]) -> None:
     doc.heading("Provenance")
     if jobs:
         _wall_time_section(doc, jobs)
@@ -279,7 +280,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 def build_report(results_dir: str | Path, dataset: str, methods: list[str], seeds: list[int],
                  baselines: list[str], out_dir: str | Path, provenance: dict | None = None,
                  benchmarks_dir: str | Path | None = None) -> dict:
-    """Write report.html, report.md and summary.csv into out_dir; return the ranked summary rows.
+    """Write report.html, report.md (+ its figures/) and summary.csv into out_dir; return the ranked rows.
 
     benchmarks_dir: Snakemake benchmark TSVs; default `benchmarks/<X>` for results_dir `results/<X>`.
     """
@@ -302,7 +303,7 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
     bars = [b for b in baselines if b not in mt.REFERENCES]
     winners = _winners(comps, methods, bars)
 
-    doc = _Doc()
+    doc = Doc(out)
     doc.heading(f"sslpipe report: {dataset}", 1)
     doc.table(["dataset", "source", "classes", "image size", "train", "test"],
               [[manifest.get("dataset", dataset), manifest.get("source"), manifest.get("num_classes"),
@@ -311,11 +312,17 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
 
     doc.heading("Summary")
     doc.para(f"Accuracies in %, mean ± sample std over seeds (n = number of seeds behind each number; "
-             f"this config has {len(seeds)}), ranked by linear top-1.")
+             f"this config has {len(seeds)}), ranked by linear top-1. Cost: pretraining wall time and images/s "
+             "(mean over seeds; for the supervised baseline its own training).")
     shown = [m for m in keys if any(r[f"{m}_mean"] is not None for r in rows)]  # drop all-null top-5
-    doc.table(["rank", "name", "kind"] + [mt.label(m) for m in shown],
-              [[i + 1, r["name"], r["kind"]] + [mt.fmt_mean_std(r, m) for m in shown] for i, r in enumerate(rows)],
+    doc.table(["rank", "name", "kind"] + [mt.label(m) for m in shown] + ["pretrain (s)", "images/s"],
+              [[i + 1, r["name"], r["kind"]] + [mt.fmt_mean_std(r, m) for m in shown]
+               + _cost(r["name"], r["kind"], root, seeds, metrics) for i, r in enumerate(rows)],
               [r["kind"] for r in rows])
+    doc.figure("accuracy", fig.dot_chart(rows), "Linear top-1 by method")
+    if any(c["metric"] == "linear_top1" for c in comps):
+        doc.figure("differences", fig.forest_chart(comps, "linear_top1"),
+                   "Each method minus each baseline, linear top-1, with 95 % paired intervals")
     _claims_section(doc, comps, methods, bars, winners, baselines)
     for r in (r for r in rows if r["kind"] == "baseline" and r["name"] in mt.REFERENCES):
         doc.para(f"Reference: {r['name']} (trained with labels, an upper bound rather than a bar to "
@@ -323,41 +330,24 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
     changed = [f"{n}/seed{s}" for (n, s), m in metrics.items() if m.get("encoder_unchanged") is False]
     if changed:  # a linear probe must not move the encoder; flag it loudly rather than hide it
         doc.para(f"Warning: encoder changed during linear evaluation in: {', '.join(changed)}", "warn")
-    doc.raw_html(_img(fig.png_uri(fig.dot_chart(rows)), "Linear top-1 by method"))
-    if any(c["metric"] == "linear_top1" for c in comps):
-        doc.raw_html(_img(fig.png_uri(fig.forest_chart(comps, "linear_top1")),
-                          "Each method minus each baseline, linear top-1, with 95 % paired intervals"))
+
     if histories:
-        doc.raw_html(_img(fig.png_uri(fig.curve_chart(histories, "loss", "pretraining loss",
-                                                "Pretraining loss (mean over seeds)")), "Pretraining loss curves"))
+        doc.heading("Training curves")
+        doc.figure("loss", fig.small_multiples(histories, "loss", "pretraining loss",
+                                               "Pretraining loss per method (own y axis each: the objectives "
+                                               "differ; mean ± std over seeds)"), "Pretraining loss curves")
     knn = _knn_histories(histories)
     if knn:
-        doc.raw_html(_img(fig.png_uri(fig.curve_chart(knn, KNN_COLUMN, "validation kNN top-1 (%)",
-                                                "kNN monitor during pretraining: held-out training images "
-                                                "(mean over seeds)", 100.0)), "kNN monitor curves"))
-    _embeddings_section(doc, root, [r["name"] for r in rows], seeds[0])
-
+        doc.figure("knn_monitor", fig.curve_chart(knn, KNN_COLUMN, "validation kNN top-1 (%)",
+                                                  "kNN monitor during pretraining: held-out training images "
+                                                  "(mean over seeds)", 100.0), "kNN monitor curves")
+    _pictures_section(doc, root, [r["name"] for r in rows], seeds[0], metrics, manifest.get("classes"))
     for method in methods:
-        _method_section(doc, root, method, seeds, metrics)
-
-    doc.heading("MLflow runs")
-    run_rows = []
-    for (name, seed), m in metrics.items():
-        pre = m.get("pretrain_run_id")
-        if kinds[name] == "ssl":
-            pre_summary = read_json(root / "pretrain" / name / f"seed{seed}" / "summary.json").get("run_id")
-            if pre and pre_summary and pre != pre_summary:  # eval of a stale pretrain run
-                pre = f"{pre} (≠ pretrain summary {pre_summary})"
-            pre = pre or pre_summary
-        run_rows.append([name, seed, kinds[name], m.get("feature_dim"), m.get("probe_weight_decay"), pre, m.get("run_id")])
-    doc.table(["name", "seed", "kind", "feature dim", "probe weight decay", "pretrain run id", "eval run id"], run_rows)
+        _method_section(doc, root, method, seeds, metrics, int(manifest.get("image_size") or 0), _mlflow(provenance)[0])
+    _runs_section(doc, root, metrics, kinds, provenance)
     _provenance_section(doc, provenance, jobs)
 
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>{_esc(f'sslpipe report: {dataset}')}</title><style>{CSS}</style></head>"
-            f"<body>\n" + "\n".join(doc.html) + "\n</body></html>\n")
-    _write_text(out / "report.html", page)
-    _write_text(out / "report.md", "\n\n".join(doc.md) + "\n")
+    doc.write(f"sslpipe report: {dataset}")
     columns = mt.csv_columns(keys)
     _write_csv(out / "summary.csv", rows, columns)
     return {"dataset": dataset, "rows": [{k: r[k] for k in columns} for r in rows], "comparisons": comps,

@@ -190,12 +190,16 @@ def report(cfg: dict, results_dir: Path, out_dir: Path, run) -> dict:
     prov = {"config_hash": config_mod.config_hash(cfg), **provenance.describe(),
             "tracking_uri": tracking.tracking_uri(tracking.settings()) if cfg["tracking"]["enabled"] else "off",
             "experiment": cfg["name"], "report_run_id": run.run_id, "config": cfg}
+    if run.run_id:  # the report links the experiment's page in the MLflow UI
+        prov["experiment_id"] = run.client.get_run(run.run_id).info.experiment_id
     result = report_mod.build_report(results_dir, data_mod.dataset_name(cfg["data"]), cfg["methods"], cfg["seeds"],
                                      cfg["evaluate"]["baselines"], out_dir, provenance=prov)
     parent = run.parent()  # the pipeline run: where the UI shows the comparison first
     for name in ("report.html", "report.md", "summary.csv"):
         run.artifact(out_dir / name)
         parent.artifact(out_dir / name, "report")
+    for png in sorted((out_dir / "figures").glob("*.png")):  # report.md's pictures, linked relatively
+        parent.artifact(png, "report/figures")
     summary = {f"{r['name']}.{m}_mean": r[f"{m}_mean"] for r in result["rows"] for m in ("linear_top1", "knn_top1")
                if r.get(f"{m}_mean") is not None}
     for c in result["comparisons"]:
