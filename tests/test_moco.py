@@ -281,8 +281,8 @@ def test_loss_is_info_nce_of_normalised_query_and_key_encoder_outputs():
 
 @pytest.mark.slow
 def test_moco_learns_to_ignore_colour_on_tinted_digits():
-    """The learning test: 100 steps (a few seconds on one thread) lift kNN top-1 well above the
-    same encoder at its random init."""
+    """The learning test: 200 steps (seconds on one thread) lift kNN top-1 well above the same
+    encoder at its random init."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -301,7 +301,7 @@ def test_moco_learns_to_ignore_colour_on_tinted_digits():
 
         random_init = knn_top1()
         opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=3e-3)
-        for _ in range(100):
+        for _ in range(200):
             idx = torch.randint(0, len(xtr), (128,))
             loss, _ = m.loss(xtr[idx], idx)
             opt.zero_grad()
@@ -311,4 +311,5 @@ def test_moco_learns_to_ignore_colour_on_tinted_digits():
         trained = knn_top1()
     finally:
         torch.set_num_threads(threads)
-    assert trained > random_init + 0.1, (random_init, trained)  # measured: 0.64 -> 0.83
+    # measured on an AVX2 CPU: 0.63 -> 0.78 (seeds 1, 2: +0.18, +0.26); 100 steps gave only +0.08..0.10
+    assert trained > random_init + 0.1, (random_init, trained)
