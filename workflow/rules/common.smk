@@ -75,7 +75,8 @@ wildcard_constraints:
 # policy; tests/test_workflow.py checks that none of these changes a method's policy.
 NOT_POLICY = {"pretrain", "temperature", "proj_hidden", "proj_dim", "momentum", "queue_size",
               "bn_groups", "bank_momentum", "lambda_", "num_negatives", "nce", "buffer_size",
-              "reinit_fraction", "alpha", "energy_bound", "grad_clip"}
+              "reinit_fraction", "alpha", "energy_bound", "grad_clip", "negatives", "nce_weight",
+              "collapse_ratio", "decoder", "decoder_width", "visible_weight", "norm_target"}
 # The kNN monitor's settings: the monitor writes history.csv's knn_top1 column, an output.
 MONITOR_KEYS = ("knn_monitor_every", "knn_k", "knn_temperature", "val_fraction")
 
