@@ -140,6 +140,9 @@ def test_mlflow_has_a_run_for_every_job(pipeline):
         if run.data.tags["sslpipe.method"] in METHODS:
             pre = pre_by_id[run.data.tags["sslpipe.pretrain_run_id"]]
             assert pre.data.tags["sslpipe.eval_run_id"] == run.info.run_id
+            # Clickable both ways on the runs' MLflow pages (their Markdown descriptions).
+            assert f"(#/runs/{pre.info.run_id})" in run.data.tags["mlflow.note.content"]
+            assert f"(#/runs/{run.info.run_id})" in pre.data.tags["mlflow.note.content"]
     assert "simclr.linear_top1_vs_random_lo" in parent.data.metrics
     assert "report/report.html" in [a.path for a in client.list_artifacts(parent.info.run_id, "report")]
     for run in by_stage["pretrain"]:

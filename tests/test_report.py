@@ -192,7 +192,10 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
     assert not re.search(r'src="(?!data:)', page_src)
     assert not re.search(r'href="(?!#|http://127\.0\.0\.1:5000/#/(runs|experiments)/)', page_src)
     assert '<a href="http://127.0.0.1:5000/#/runs/eval-simclr-1">eval-simclr-1</a>' in page_src
-    assert '<a href="http://127.0.0.1:5000/#/experiments/7">Open the experiment</a>' in page_src
+    # The experiment in MLflow's training view, and the evaluations as charts in one click.
+    assert '<a href="http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning">' in page_src
+    assert ("/#/experiments/7/runs?workflowType=machine_learning&amp;compareRunsMode=CHART&amp;searchFilter="
+            "tags.%60sslpipe.stage%60%20%3D%20%27linear_eval%27") in page_src
 
     runs = next(t for t in page.tables if "eval run id" in t[0])
     assert ["simclr", "1", "ssl", "64", "0.0001", "pre-simclr-1", "eval-simclr-1"] in runs
@@ -424,4 +427,4 @@ def test_report_holds_each_section(optional: Path, tmp_path: Path) -> None:
     headed = Image.open(out / "figures/preview_simclr.png").size
     assert headed[1] > raw[1]  # a header band above the columns
     # Small diagnostics are enlarged (nearest neighbour) to be readable: an 8 px test PNG becomes 480 px wide.
-    assert Image.open(out / "figures/dae_dae_energy_vs_corruption_seed0.png").size[0] >= 480
+    assert Image.open(out / "figures/dae_energy_vs_corruption_seed0.png").size[0] >= 480

@@ -78,7 +78,11 @@ def curve_chart(histories: dict[str, list[pd.DataFrame]], column: str, ylabel: s
     for method, dfs in histories.items():
         g = pd.concat(dfs)[["epoch", column]].dropna().groupby("epoch")[column]
         mean, std = scale * g.mean(), scale * g.std().fillna(0.0)
-        ax.plot(mean.index, mean.values, marker="o" if len(mean) < 20 else None, label=f"{method} (n={len(dfs)})")
+        if len(mean) < 6:  # a few monitor points: error bars, which overlap less than bands
+            ax.errorbar(mean.index, mean.values, yerr=std.values if len(dfs) > 1 else None, marker="o", capsize=3,
+                        label=f"{method} (n={len(dfs)})")
+            continue
+        ax.plot(mean.index, mean.values, label=f"{method} (n={len(dfs)})")
         if len(dfs) > 1:
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
     ax.set_xlabel("epoch")
@@ -169,18 +173,24 @@ def enlarge(png: bytes, min_width: int = 480) -> bytes:
 
 
 def confusion_grid(matrices: dict[str, np.ndarray], class_names: list[str] | None, ncols: int = 4) -> bytes:
-    """Row-normalised confusion matrices of the linear probe on the test set (summed over seeds),
-    one panel per model; the diagonal is each class's accuracy."""
+    """The linear probe's mistakes on the test set (summed over seeds), one panel per model: each
+    off-diagonal cell is the fraction of a true class predicted as another, on one colour scale
+    for all panels; the diagonal (accuracy, which would drown the errors) is left blank and each
+    panel's title gives the overall accuracy."""
     names = list(matrices)
     ncols = max(1, min(ncols, len(names)))
     nrows = -(-len(names) // ncols)
     fig = Figure(figsize=(2.8 * ncols + 0.8, 2.8 * nrows + 0.4), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    rows = {n: np.asarray(m, dtype=float) / np.maximum(np.asarray(m, dtype=float).sum(1, keepdims=True), 1)
+            for n, m in matrices.items()}
+    for r in rows.values():
+        np.fill_diagonal(r, np.nan)
+    vmax = max([np.nanmax(r) for r in rows.values() if np.isfinite(r).any()] + [0.01])
     im = None
     for ax, name in zip(axes, names):
         m = np.asarray(matrices[name], dtype=float)
-        rows = m / np.maximum(m.sum(1, keepdims=True), 1)
-        im = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
+        im = ax.imshow(rows[name], vmin=0, vmax=vmax, cmap="Reds")
         k = len(m)
         ticks = class_names if class_names and len(class_names) == k and k <= 10 else [str(i) for i in range(k)]
         step = max(1, k // 10)
@@ -193,5 +203,5 @@ def confusion_grid(matrices: dict[str, np.ndarray], class_names: list[str] | Non
     for ax in axes[(nrows - 1) * ncols:len(names)]:
         ax.set_xlabel("predicted class", fontsize="small")
     if im is not None:
-        fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="fraction of the true class")
+        fig.colorbar(im, ax=axes.tolist(), shrink=0.6, label="fraction of the true class predicted as")
     return fig_png(fig)

@@ -25,6 +25,7 @@ import re
 import statistics
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,9 @@ PREVIEW_COLUMNS = {"simclr": ["view 1", "view 2"], "moco": ["query view", "key v
                    "pirl": ["view of I", "jigsaw tiles in place", "tiles as trained"],
                    "dae": ["clean view", "corrupted input"], "cd": ["view 1", "view 2", "chain start"]}
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store by default
+# MLflow 3's UI opens every experiment in its GenAI view unless told (or toggled) otherwise.
+TRAINING_VIEW = "workflowType=machine_learning"
+COMPARE_FILTER = "tags.`sslpipe.stage` = 'linear_eval'"
 
 
 # ----------------------------------------------------------------------------- reading inputs
@@ -194,7 +198,7 @@ def _method_section(doc: Doc, root: Path, method: str, seeds: list[int], metrics
                "linear top-1 (%)", "MLflow"], body)
     doc.begin_grid()
     for path, seed in extras:  # "dae_energy_vs_corruption" -> "dae energy vs corruption (seed 0)"
-        doc.figure(f"{method}_{path.stem}_seed{seed}", fig.enlarge(path.read_bytes()),
+        doc.figure(f"{'' if path.stem.startswith(method) else method + '_'}{path.stem}_seed{seed}", fig.enlarge(path.read_bytes()),
                    f"{path.stem.replace('_', ' ')} (seed {seed})")
     doc.end_grid()
 
@@ -212,8 +216,8 @@ def _pictures_section(doc: Doc, root: Path, names: list[str], seed: int, metrics
             if all("linear_confusion" in metrics[k] for k in metrics if k[0] == n)}
     if conf:
         doc.heading("Confusion matrices")
-        doc.para("Linear probe on the test set, summed over seeds; each row (true class) sums to 1, so the "
-                 "diagonal is each class's accuracy.")
+        doc.para("The linear probe's mistakes on the test set, summed over seeds: cell (true class, predicted "
+                 "class) is the fraction of that class predicted as the other; the diagonal (accuracy) is left blank.")
         doc.figure("confusion", fig.confusion_grid(conf, classes), "Confusion matrices of the linear probe")
 
 
@@ -237,8 +241,11 @@ def _runs_section(doc: Doc, root: Path, metrics: dict, kinds: dict, provenance: 
         doc.para(f"Links open the runs in the MLflow UI at {base}"
                  + ("" if base != MLFLOW_UI else f" (start it with: mlflow ui --backend-store-uri "
                                                  f"{provenance.get('tracking_uri') or provenance.get('mlflow_tracking_uri')})")
-                 + ". Compare methods there: filter tags.sslpipe.stage = 'linear_eval', group by tags.sslpipe.method, "
-                   "chart view.", link=Link("Open the experiment", f"{base}/#/experiments/{eid}") if eid else None)
+                 + ".", link=Link("Open the experiment", f"{base}/#/experiments/{eid}/runs?{TRAINING_VIEW}") if eid else None)
+        if eid:  # the evaluation runs side by side as charts, one bar per run (and metric)
+            doc.para("Compare the methods' evaluations there in one click:",
+                     link=Link("linear_eval runs, chart view", f"{base}/#/experiments/{eid}/runs?{TRAINING_VIEW}"
+                               f"&compareRunsMode=CHART&searchFilter={quote(COMPARE_FILTER)}"))
     run_rows = []
     for (name, seed), m in metrics.items():
         pre = m.get("pretrain_run_id")

@@ -157,6 +157,12 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
         if metrics["pretrain_run_id"] and run.run_id:  # linked both ways: either run's page leads to the other
             run.tag("sslpipe.pretrain_run_id", metrics["pretrain_run_id"])
             run.tag("sslpipe.eval_run_id", run.run_id, run_id=metrics["pretrain_run_id"])
+            # The run's description (Markdown on its MLflow page): a link there, not only an id.
+            pid, job = metrics["pretrain_run_id"], f"{name}/seed{seed}"
+            run.tag("mlflow.note.content", f"Linear evaluation of the encoder trained by "
+                                           f"[pretrain/{job}](#/runs/{pid}) (run {pid}).")
+            run.tag("mlflow.note.content", f"Pretraining of {job}; its encoder is evaluated by "
+                                           f"[linear_eval/{job}](#/runs/{run.run_id}) (run {run.run_id}).", run_id=pid)
     run.dataset(manifest, "eval")
     run.log({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
              and k not in ("seed",)})
