@@ -14,7 +14,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# The report and every pretraining output: an encoder that went missing (say, after a failed
+# `--forcerun pretrain`) is a missing target, so the next run redoes (and resumes) its job
+# instead of finding the report up to date.
 rule all:
     input:
         report_outputs(),
+        expand(rules.pretrain.output, name=NAME, method=METHODS, seed=SEEDS),
     default_target: True

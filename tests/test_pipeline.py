@@ -174,6 +174,21 @@ def test_rerun_with_nothing_changed_does_nothing(pipeline):
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
+def test_a_missing_encoder_is_redone_although_the_report_exists(pipeline):
+    """After a failed `--forcerun pretrain` the encoder is gone but the report is not: the next
+    run must redo that pretraining job (and what depends on it), not say "Nothing to be done"."""
+    work, cfg, _ = pipeline
+    enc = results(work) / "pretrain/dae/seed0/encoder.pt"
+    aside = enc.with_name("encoder.pt.aside")
+    enc.rename(aside)  # a rename keeps the file's mtime: putting it back restores the state
+    try:
+        proc = snakemake(work, "--configfile", str(cfg), "--dry-run", "--quiet", "rules")
+    finally:
+        aside.rename(enc)
+    table = {p[0]: int(p[1]) for line in proc.stdout.splitlines() if len(p := line.split()) == 2 and p[1].isdigit()}
+    assert table.get("pretrain") == 1, proc.stdout
+
+
 def test_snakemake_report_holds_the_marked_outputs(pipeline, tmp_path):
     """`snakemake --report`: the outputs marked with report() (HTML report, summary, previews)
     and their captions from workflow/report/ end up in one self-contained file."""

@@ -191,7 +191,7 @@ class CD(nn.Module):
         self.sampler = dict(policy["langevin"])
         if self.sampler["mode"] == "pcd":
             size = policy["image_size"]
-            # Filled with restart noise at the first step (colour restarts need data). fp16 resolves
+            # Filled with restarts at the first step (data and colour restarts need data). fp16 resolves
             # <= 2^-11, far below the sampler's noise; uint8 would round away the small moves.
             self.register_buffer("buffer", torch.zeros(cfg["buffer_size"], 3, size, size).half())
             self.register_buffer("filled", torch.zeros((), dtype=torch.bool))
