@@ -188,11 +188,11 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
         Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
     assert "reconstructions (seed 0)" in text and "loss (seed 1)" not in text
     page_src = (out / "report.html").read_text(encoding="utf-8")
-    # Self-contained: pictures inline; links only to its own sections and to MLflow run pages.
+    # Self-contained: pictures inline; links only to its own sections and MLflow pages (training view).
     assert not re.search(r'src="(?!data:)', page_src)
     assert not re.search(r'href="(?!#|http://127\.0\.0\.1:5000/#/(runs|experiments)/)', page_src)
-    assert '<a href="http://127.0.0.1:5000/#/runs/eval-simclr-1">eval-simclr-1</a>' in page_src
-    # The experiment in MLflow's training view, and the evaluations as charts in one click.
+    assert ('<a href="http://127.0.0.1:5000/#/experiments/7/runs/eval-simclr-1?workflowType=machine_learning">'
+            'eval-simclr-1</a>') in page_src
     assert '<a href="http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning">' in page_src
     assert ("/#/experiments/7/runs?workflowType=machine_learning&amp;compareRunsMode=CHART&amp;searchFilter="
             "tags.%60sslpipe.stage%60%20%3D%20%27linear_eval%27") in page_src
@@ -352,8 +352,9 @@ def test_markdown_has_tables(results: Path, tmp_path: Path) -> None:
     for i, name in enumerate(RANKED, 1):
         kind = "ssl" if name in METHODS else "baseline"
         assert f"| {i} | {name} | {kind} | {_fmt(TOP1[name])} | {_fmt(TOP5[name])} | {_fmt(KNN[name])} |" in md
-    assert ("| simclr | 0 | ssl | 64 | 0.0001 | [pre-simclr-0](http://127.0.0.1:5000/#/runs/pre-simclr-0) | "
-            "[eval-simclr-0](http://127.0.0.1:5000/#/runs/eval-simclr-0) |") in md
+    run = "http://127.0.0.1:5000/#/experiments/7/runs/{}?workflowType=machine_learning"
+    assert (f"| simclr | 0 | ssl | 64 | 0.0001 | [pre-simclr-0]({run.format('pre-simclr-0')}) | "
+            f"[eval-simclr-0]({run.format('eval-simclr-0')}) |") in md
     assert "data:image" not in md and "<script>" in md  # Markdown is plain text, not HTML-escaped
     assert "```yaml" in md
 

@@ -127,9 +127,12 @@ def _mlflow(provenance: dict | None):
     uri = str((provenance or {}).get("tracking_uri") or (provenance or {}).get("mlflow_tracking_uri") or "")
     base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else MLFLOW_UI
     on = bool(uri) and uri != "off"
+    eid = (provenance or {}).get("experiment_id")
+    page = (lambda rid: f"{base}/#/experiments/{eid}/runs/{rid}?{TRAINING_VIEW}") if eid else (
+        lambda rid: f"{base}/#/runs/{rid}")
 
     def link(rid: str | None, text: str | None = None) -> Link:
-        return Link(text or rid, f"{base}/#/runs/{rid}" if on and rid else None)
+        return Link(text or rid, page(rid) if on and rid else None)
     return link, base, on
 
 
