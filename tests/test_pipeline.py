@@ -189,6 +189,33 @@ def test_a_missing_encoder_is_redone_although_the_report_exists(pipeline):
     assert table.get("pretrain") == 1, proc.stdout
 
 
+def cores_in_use(log: str) -> int:
+    """The most threads held at once by running jobs, from Snakemake's job blocks ('rule X:' ...
+    'jobid: N' ... 'threads: T', T = 1 when absent) and its 'Finished jobid: N' lines."""
+    threads, running, most, job = {}, set(), 0, None
+    for line in log.splitlines():
+        line = line.strip()
+        if m := re.match(r"^jobid: (\d+)$", line):
+            job = m.group(1)
+            threads[job] = 1
+            running.add(job)
+        elif (m := re.match(r"^threads: (\d+)$", line)) and job is not None:
+            threads[job] = int(m.group(1))
+        elif m := re.search(r"Finished jobid: (\d+)", line):
+            most = max(most, sum(threads[j] for j in running))  # peak just before a job ends
+            running.discard(m.group(1))
+            job = None
+    return most
+
+
+def test_cores_are_honoured(pipeline):
+    """--cores 2 (the helper above): never more than 2 threads' worth of jobs at once (issue 14:
+    Snakemake 9.10+ was seen running three one-thread jobs on --cores 2)."""
+    _, _, proc = pipeline
+    used = cores_in_use(proc.stderr + proc.stdout)
+    assert 1 <= used <= 2, used
+
+
 def test_snakemake_report_holds_the_marked_outputs(pipeline, tmp_path):
     """`snakemake --report`: the outputs marked with report() (HTML report, summary, previews)
     and their captions from workflow/report/ end up in one self-contained file."""
