@@ -14,6 +14,7 @@ from sslpipe.tracking import StageRun
 BF16 = pick_dtype("auto", torch.device("cpu")) is not None
 
 
+@pytest.mark.slow  # the evaluation stage twice
 @pytest.mark.parametrize("precision", ["auto"] + (["bf16"] if BF16 else []))
 def test_same_metrics_whatever_precision_says(digits_dir, tmp_path, precision):
     torch.set_num_threads(1)

@@ -160,6 +160,7 @@ def test_checkpoint_loads_with_weights_only_and_holds_the_whole_state(tiny, monk
     assert [f.name for f in ckpt.parent.iterdir()] == ["checkpoint.pt"]
 
 
+@pytest.mark.slow  # a real training run, to its NaN in epoch 2
 def test_non_finite_loss_keeps_the_last_good_checkpoint(tiny, monkeypatch, tmp_path):
     out, ckpt = tmp_path / "out", tmp_path / "ck" / "checkpoint.pt"
     base = METHODS["simclr"]
