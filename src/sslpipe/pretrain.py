@@ -298,10 +298,7 @@ class Loop:
 
     def finish_epoch(self, st: Progress, t0: float) -> None:
         """Close the epoch in progress: its history row (one host sync), then move `st` to the next."""
-        if self.world > 1:  # the global batch's loss (and logs): the mean over ranks, one collective
-            keys = sorted(st.extra_sum)
-            sums = ddp.mean(torch.stack([st.loss_sum, *(st.extra_sum[k] for k in keys)]))
-            st.loss_sum, st.extra_sum = sums[0], dict(zip(keys, sums[1:]))
+        self.sums_over_ranks(st)
         mean_loss = (st.loss_sum / self.steps_per_epoch).item()
         if not math.isfinite(mean_loss):
             raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
@@ -318,6 +315,16 @@ class Loop:
         st.epoch, st.step_in_epoch, st.order, st.epoch_s = st.epoch + 1, 0, None, 0.0
         st.loss_sum, st.extra_sum = None, {}
 
+    def sums_over_ranks(self, st: Progress) -> None:
+        """Under DDP: the partial sums (loss and logs) become their mean over ranks, one collective.
+        At an epoch's end that is the global batch's loss; before a mid-epoch checkpoint it makes
+        rank 0's saved sums every rank's, and since the mean is linear the resumed epoch still
+        logs mean_r(saved_r + rest_r) (each rank resumes from rank 0's checkpoint)."""
+        if self.world > 1 and st.loss_sum is not None:
+            keys = sorted(st.extra_sum)
+            sums = ddp.mean(torch.stack([st.loss_sum, *(st.extra_sum[k] for k in keys)]))
+            st.loss_sum, st.extra_sum = sums[0], dict(zip(keys, sums[1:]))
+
     def save(self, st: Progress) -> None:
         st.train_s = time.perf_counter() - self.t_start
         self.ckpt.save(self.method, self.opt, st, st.where(self.steps_per_epoch, self.tcfg["epochs"]))
@@ -327,6 +334,7 @@ class Loop:
         diverged = st.loss_sum is not None and not torch.isfinite(st.loss_sum)
         if ddp.any_rank(diverged, self.device):  # never save a diverged state
             raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
+        self.sums_over_ranks(st)  # the process stops after this: the sums are not used again here
         self.save(st)
         raise Preempted(f"{self.name}: preempted by {stop.name or 'a signal to another process'} at {self.ckpt.last}; checkpoint written to "
                         f"{self.ckpt.path}; rerun to resume (the same command, or snakemake again).")
