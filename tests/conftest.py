@@ -12,6 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10_small.npz"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """One intra-op thread for every test: the tensors are tiny, and on a busy 2-core machine two
+    spinning threads cost more than they save (test_moco's one-epoch run took 11 s of CPU instead
+    of 0.5). A test that wants more threads sets them itself and restores them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def cifar_small() -> Path:
     if not SHARED_CIFAR.exists():
