@@ -1,13 +1,10 @@
 """Tracking against a real MLflow SQLite store in a temporary directory."""
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -161,55 +158,11 @@ def test_concurrent_jobs_lose_nothing(store):
 
 
 # ----------------------------------------------------------------------------- HTTP tracking server
-@pytest.fixture
-def http_env():
-    """Restore MLflow's HTTP settings afterwards: tracking sets defaults for them in os.environ."""
-    saved = {k: os.environ.pop(k, None) for k in tracking.HTTP_DEFAULTS}
-    yield
-    for k, v in saved.items():
-        os.environ.pop(k, None)
-        if v is not None:
-            os.environ[k] = v
-
-
+# http_env and mlflow_server (a real `mlflow server` on 127.0.0.1): tests/conftest.py
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, http_env):
-    """A real `mlflow server` on loopback, with proxied artifacts; always stopped afterwards."""
-    port, log = _free_port(), tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}", "--artifacts-destination", str(tmp_path / "art")]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    with open(log, "w") as fh:  # own session, so the server and any workers it forks stop together
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                why = f"exited with {proc.returncode}" if proc.poll() is not None else "not ready within 60 s"
-                pytest.skip(f"mlflow server could not start ({why}): {log.read_text()[-1500:]}")
-            time.sleep(0.5)
-        yield url, tmp_path / "art"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.mark.slow
