@@ -320,7 +320,7 @@ def test_torchrun_cli_writes_outputs_once_and_they_load(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     # Rank 0 alone speaks: one start line, one line per epoch.
-    assert log.count("pretrain moco seed=0") == 1 and "2 processes (batch 16 each)" in log, log[-3000:]
+    assert log.count("pretrain moco seed=0: ") == 2 and log_once(log, ": final loss") and "2 processes (batch 16 each)" in log, log[-3000:]
     assert log.count("epoch 1/2 loss") == 1 and log.count("epoch 2/2 loss") == 1, log[-3000:]
     load_encoder(cfg["model"], data.load_manifest(tmp_path / "data"), out / "encoder.pt")
     rows = list(csv.DictReader(open(out / "history.csv")))
@@ -351,3 +351,8 @@ def test_rule_launches_torchrun_and_asks_for_one_gpu_per_process(tmp_path):
     assert "gpu=2" in job
     assert "torchrun --standalone --nproc_per_node 2 -m sslpipe pretrain --config " in job
     assert "--threads $(( 2 > 2 ? 2 / 2 : 1 ))" in job  # the rule's 2 threads, shared: 1 per process
+
+
+def log_once(text: str, what: str) -> bool:
+    """`what` appears on exactly one line: rank 0 speaks for every process (header, final line)."""
+    return sum(what in line for line in text.splitlines()) == 1

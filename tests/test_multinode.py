@@ -139,7 +139,7 @@ def test_rule_runs_srun_torchrun_across_two_nodes(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["steps"] == 64 // 32
     text = log.read_text()
-    assert text.count("pretrain simclr seed=0") == 1 and "2 processes (batch 16 each)" in text, text[-2000:]
+    assert text.count("pretrain simclr seed=0: ") == 2 and log_once(text, ": final loss") and "2 processes (batch 16 each)" in text, text[-2000:]
 
 
 def _free(port: int) -> bool:
@@ -155,3 +155,8 @@ def _free(port: int) -> bool:
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+
+
+def log_once(text: str, what: str) -> bool:
+    """`what` appears on exactly one line: rank 0 speaks for every process (header, final line)."""
+    return sum(what in line for line in text.splitlines()) == 1

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from sslpipe import data as data_mod
+from sslpipe import distributed as ddp
 from sslpipe import evaluate as ev
 from sslpipe import models
 from sslpipe.io import read_json, save_png, write_json, write_npz
@@ -90,8 +91,9 @@ def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, ou
     for png in sorted(out_dir.glob("*.png")):
         run.artifact(png, "diagnostics")
     pt.write_summary(out_dir, summary)
-    say(f"pretrain {method} seed={seed}: final loss {summary['final_loss']:.4f}, {summary['wall_time_s']:.1f} s, "
-        f"{summary['images_per_s']:.0f} images/s; wrote {out_dir}/encoder.pt, history.csv, summary.json")
+    if ddp.is_main():  # under torchrun every rank runs this stage; rank 0 speaks for them
+        say(f"pretrain {method} seed={seed}: final loss {summary['final_loss']:.4f}, {summary['wall_time_s']:.1f} s, "
+            f"{summary['images_per_s']:.0f} images/s; wrote {out_dir}/encoder.pt, history.csv, summary.json")
     return summary
 
 
