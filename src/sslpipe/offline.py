@@ -27,9 +27,11 @@ def write(record: dict) -> None:
 def replay(directory: str | os.PathLike = OFFLINE_DIR, uri: str | None = None) -> list[str]:
     """Put every record a job kept while MLflow was unreachable into MLflow (at `uri`, else the
     record's own tracking URI), as the run it would have been: same tags, params, metrics (with
-    their steps), artifacts and dataset, under the pipeline's parent run (created if missing).
+    their steps), artifacts and dataset, under the pipeline's parent run (created if missing,
+    then closed: FINISHED, or FAILED when a replayed job failed), which also gets what a job
+    logged on it (the report's summary metrics and files).
     Replayed records move to `directory`/replayed/. Returns the new run ids."""
-    done, out = Path(directory) / "replayed", []
+    done, out, created = Path(directory) / "replayed", [], {}
     for path in sorted(Path(directory).glob("*.json")):
         rec = read_json(path)
         s = {**rec["settings"], "uri": uri or rec["settings"].get("uri")}
@@ -37,20 +39,30 @@ def replay(directory: str | os.PathLike = OFFLINE_DIR, uri: str | None = None) -
         exp_id = tr._experiment_id(client, s, create=True)
         h = rec["tags"].get("sslpipe.config_hash")
         parent = tr._find_parent(client, exp_id, h)
-        if parent is None and h:
+        if parent is None and h:  # as track-init would have made it; closed below, as track-finish would
             parent = tr._retry(lambda: client.create_run(exp_id, run_name=f"pipeline-{h}", tags={
                 "sslpipe.pipeline": "true", "sslpipe.config_hash": h, "sslpipe.dataset": rec["tags"]["sslpipe.dataset"],
                 "sslpipe.git_commit": rec["tags"].get("sslpipe.git_commit", "unknown")})).info.run_id
+            created[parent] = (client, "FINISHED")
         tags = {**rec["tags"], "sslpipe.replayed": "true", **({"mlflow.parentRunId": parent} if parent else {})}
         run_id = tr._retry(lambda: client.create_run(exp_id, tags=tags, run_name=rec["name"])).info.run_id
         tr._log_params(client, run_id, rec["params"])
-        run = tr.StageRun(client, run_id)
-        for kind, *args in rec["ops"]:
-            if kind == "tag" and args[2] is not None:  # a link to a run that never reached MLflow
-                continue
-            tr._retry(lambda kind=kind, args=args: getattr(run, f"_{kind}")(*args))
+        _apply(tr.StageRun(client, run_id), rec["ops"])
+        if parent and rec.get("parent"):  # the report's summary and files, logged on the pipeline run
+            _apply(tr.StageRun(client, parent), rec["parent"]["ops"])
         tr._retry(lambda: client.set_terminated(run_id, rec.get("status", "FINISHED")))
+        if parent in created and rec.get("status", "FINISHED") != "FINISHED":
+            created[parent] = (client, "FAILED")
         done.mkdir(parents=True, exist_ok=True)
         path.rename(done / path.name)
         out.append(run_id)
+    for parent, (client, status) in created.items():
+        tr._retry(lambda: client.set_terminated(parent, status))
     return out
+
+
+def _apply(run: "tr.StageRun", ops: list) -> None:
+    for kind, *args in ops:
+        if kind == "tag" and args[2] is not None:  # a link to a run that never reached MLflow
+            continue
+        tr._retry(lambda kind=kind, args=args: getattr(run, f"_{kind}")(*args))

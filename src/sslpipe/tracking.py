@@ -245,8 +245,8 @@ class StageRun:
 
     def parent(self) -> "StageRun":
         """The pipeline's parent run, to log the report's summary where the UI shows it first."""
-        if self.run_id is None:
-            return StageRun(None, None)
+        if self.run_id is None:  # offline (or off): what the parent would get goes into this job's record
+            return StageRun(None, None, record=self.record and self.record.setdefault("parent", {"ops": []}))
         pid = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
         return StageRun(self.client if pid else None, pid, self.on_error)
 
