@@ -58,12 +58,12 @@ def test_linear_probe_separates_digits_pixels_and_never_tunes_on_test(digits_dir
     assert again["linear_top1"] < 0.3
 
 
-def test_stratified_split_is_balanced_and_disjoint():
+def test_validation_split_is_balanced_and_disjoint():
     y = np.repeat(np.arange(5), 40)
-    tr, va = ev.stratified_split(y, 0.1, seed=1)
+    tr, va = ev.validation_split(y, 0.1, seed=1)
     assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == len(y)
     assert np.bincount(y[va]).tolist() == [4] * 5
-    assert np.array_equal(va, ev.stratified_split(y, 0.1, seed=1)[1])
+    assert np.array_equal(va, ev.validation_split(y, 0.1, seed=1)[1])
 
 
 def test_evaluate_encoder_leaves_weights_unchanged(digits_dir):
@@ -92,13 +92,14 @@ def test_label_subsets_are_class_balanced_nested_and_seeded():
     assert np.array_equal(ten, ev.label_subset(y, 0.1, seed=0))
     assert not np.array_equal(ten, ev.label_subset(y, 0.1, seed=1))
     # A stream of its own: the subset is not the first draws of the probe's validation split.
-    assert not np.isin(ev.stratified_split(y, 0.1, seed=0)[1], ten).all()
+    assert not np.isin(ev.validation_split(y, 0.1, seed=0)[1], ten).all()
 
 
 def test_fraction_names():
     assert [ev.fraction_tag(f) for f in (0.01, 0.1, 0.07, 0.25, 0.005)] == ["1pct", "10pct", "7pct", "25pct", "0p5pct"]
-    with pytest.raises(ValueError, match="evaluate.label_fractions"):
-        ev.fraction_tags([0.1, 0.1 + 1e-13])
+    # Clashing names are a config error, found when the config is resolved, before any job runs.
+    with pytest.raises(ValueError, match=r"evaluate.label_fractions.*clashing metric names"):
+        resolve({"evaluate": {"label_fractions": [0.1, 0.1 + 1e-13]}})
 
 
 def test_label_efficient_probe_selects_on_its_subset_and_never_tunes_on_test(digits_dir):
@@ -203,7 +204,7 @@ def test_probe_is_refit_on_all_training_data_after_choosing_weight_decay():
     n, frac = 400, 0.5
     y = np.tile([0, 1], n // 2)
     sign = torch.from_numpy(2.0 * y - 1)
-    fit, held = ev.stratified_split(y, frac, seed=0)
+    fit, held = ev.validation_split(y, frac, seed=0)
     f = 0.05 * torch.randn(n, 2, generator=g)
     f[fit, 0] += sign[fit]
     f[fit, 1] -= 0.3 * sign[fit]

@@ -42,7 +42,7 @@ def test_monitor_scores_the_probes_validation_split(tmp_path):
     encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     every, fn = pretrain.knn_monitor(cfg, encoder, xt, data_dir, torch.device("cpu"), seed=3)
-    bank, val = ev.stratified_split(y, cfg["evaluate"]["val_fraction"], 3)
+    bank, val = ev.validation_split(y, cfg["evaluate"]["val_fraction"], 3)
     k = ev.knn_k_for(cfg["evaluate"]["knn_k"], len(bank))
     expected = ev.knn_monitor(encoder, xt[bank], y[bank], xt[val], y[val], torch.device("cpu"), None, k,
                               cfg["evaluate"]["knn_temperature"])

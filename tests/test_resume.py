@@ -142,6 +142,34 @@ def test_resume_after_signals_equals_an_uninterrupted_run(tiny, clean, method, m
     assert not ckpt.exists()  # deleted once the outputs are written
 
 
+@pytest.mark.slow
+def test_supervised_baseline_resumes_after_sigterm_like_pretraining(tiny, monkeypatch, tmp_path, capsys):
+    """The supervised baseline trains by the same loop: interrupted twice mid-epoch as above,
+    then rerun, its metrics.json (the encoder trained with labels, then evaluated) equals an
+    uninterrupted run's; the checkpoint goes once metrics.json is written."""
+    from sslpipe import stages, supervised
+    from sslpipe.tracking import StageRun
+
+    run, data_dir = StageRun(None, None), tiny["data_dir"]
+    clean = tmp_path / "clean" / "metrics.json"
+    stages.linear_eval(tiny["cfg"], "supervised", 0, data_dir, None, clean, run)
+    out, ckpt = tmp_path / "resumed" / "metrics.json", tmp_path / "checkpoints" / "checkpoint.pt"
+    base = supervised.Supervised
+    for stops, where in (({2: "SIGUSR1"}, r"SIGUSR1 at epoch 1 after step 2 \(2/3 steps into it\)"),
+                         ({5: "SIGTERM"}, r"SIGTERM at epoch 3 after step 7 \(1/3 steps into it\)")):
+        monkeypatch.setattr(supervised, "Supervised", interrupting(base, stops))
+        with pytest.raises(pt.Preempted, match=f"supervised: preempted by {where}") as err:
+            stages.linear_eval(tiny["cfg"], "supervised", 0, data_dir, None, out, run, checkpoint=ckpt)
+        assert str(ckpt) in str(err.value) and ckpt.is_file() and not out.exists()
+        monkeypatch.undo()
+    capsys.readouterr()
+    stages.linear_eval(tiny["cfg"], "supervised", 0, data_dir, None, out, run, checkpoint=ckpt)
+    assert f"supervised resuming from {ckpt}: epoch 3 after step 7 (1/3 steps into it)" in capsys.readouterr().out
+    assert not ckpt.exists()
+    resumed = comparable(out)
+    assert resumed["supervised_steps"] == 12 * 3 and resumed == comparable(clean)
+
+
 def test_checkpoint_loads_with_weights_only_and_holds_the_whole_state(tiny, monkeypatch, tmp_path):
     """No pickled objects (torch.load(weights_only=True) reads it); no temporary file left."""
     ckpt = tmp_path / "ck" / "checkpoint.pt"

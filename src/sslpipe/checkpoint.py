@@ -31,7 +31,7 @@ CHECKPOINT_FORMAT = 1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM: SIGTERM before the kill; USR1 via --signal
 # The code whose change makes a checkpoint stale: resuming across a fix to a method or to the
 # loop would give numbers that neither version produces.
-TRAINING_CODE = ("pretrain.py", "checkpoint.py", "models.py", "augment.py", "methods")
+TRAINING_CODE = ("pretrain.py", "checkpoint.py", "models.py", "augment.py", "methods", "supervised.py")
 # Keys that do not change what training computes; a checkpoint stays valid across them.
 NEUTRAL_PRETRAIN_KEYS = ("checkpoint_every",)
 
@@ -79,11 +79,13 @@ class Progress:
 
 
 def fingerprint(cfg: dict, method_name: str, seed: int, manifest: dict, policy: dict, device: torch.device,
-                amp_dtype: torch.dtype | None, world: int = 1) -> str:
-    """What a checkpoint is valid for: the settings training reads, the data, the code."""
+                amp_dtype: torch.dtype | None, world: int = 1, method_cfg: dict | None = None) -> str:
+    """What a checkpoint is valid for: the settings training reads, the data, the code.
+    `method_cfg`: the method's own settings, for a method without a config section of its own
+    (the supervised baseline); an SSL method's are cfg[method_name]."""
     pretrain = {k: v for k, v in cfg["pretrain"].items() if k not in NEUTRAL_PRETRAIN_KEYS}
     settings = {"format": CHECKPOINT_FORMAT, "method": method_name, "seed": seed, "pretrain": pretrain,
-                "model": cfg["model"], "method_cfg": cfg[method_name], "policy": policy,
+                "model": cfg["model"], "method_cfg": cfg[method_name] if method_cfg is None else method_cfg, "policy": policy,
                 "channels_last": cfg["channels_last"], "device": device.type, "precision": str(amp_dtype),
                 "data_sha256": manifest["sha256"], "torch": torch.__version__, "code": code_hash(), "world": world}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--predictions", type=Path, default=None,
                    help="predictions.npz: per test image, 1 if right, for each metric (paired intervals)")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the supervised baseline's resume checkpoint (as pretrain's); other baselines ignore it")
 
     p = sub.add_parser("report", help="the HTML/Markdown report comparing methods")
     _common(p)
@@ -185,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint=args.checkpoint)
         elif stage == "linear_eval":
             stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run,
-                               predictions=args.predictions)
+                               predictions=args.predictions, checkpoint=args.checkpoint)
         elif stage == "report":
             stages.report(cfg, args.results_dir, args.out_dir, run)
     return 0

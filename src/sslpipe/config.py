@@ -22,6 +22,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from sslpipe.metrics import clashing_tags
+
 SCHEMA_PATH = Path(str(importlib.resources.files("sslpipe") / "config.schema.yaml"))
 SCHEMA_NAME = "workflow/schemas/config.schema.yaml"
 
@@ -285,6 +287,10 @@ def problems(cfg: dict, origins: dict | None = None, data: bool = False, device:
             bad("pirl.grid", f"{grid} cuts {size}px images into {size // grid}px patches, smaller than "
                              f"backbone '{backbone}' accepts ({MIN_IMAGE_SIZE[backbone]}px): "
                              "lower pirl.grid or raise data.image_size.")
+    fractions = cfg["evaluate"]["label_fractions"]
+    tags = clashing_tags(fractions)
+    if tags:
+        bad("evaluate.label_fractions", f"{fractions} gives clashing metric names {tags}: use distinct fractions.")
     procs = cfg["pretrain"]["processes"]
     for method in cfg["methods"]:
         b = train_settings(cfg, method)["batch_size"]
@@ -318,8 +324,7 @@ def check(cfg: dict, origins: dict | None = None) -> None:
 def train_settings(cfg: dict, method: str) -> dict:
     """The `pretrain` section as `method` trains with it: the shared values, overridden by the
     method's own `{method}.pretrain` keys (its published recipe: optimiser, lr, epochs, ...)."""
-    own = cfg.get(method, {}).get("pretrain", {}) if isinstance(cfg.get(method), dict) else {}
-    return {**cfg["pretrain"], **own}
+    return {**cfg["pretrain"], **cfg[method]["pretrain"]}
 
 
 def config_hash(cfg: Any) -> str:

@@ -51,8 +51,8 @@ def prepare(data_cfg: dict, out_dir: str | Path) -> dict:
         raise DataError("\n".join(f"{key}: {text}" for key, text in found))
     size, seed = data_cfg["image_size"], data_cfg["split_seed"]
     x_tr, y_tr, x_te, y_te, classes = LOADERS[source](data_cfg)
-    loaded = {"train": (x_tr, y_tr, data_cfg.get("max_train")),
-              "test": (x_te, y_te, data_cfg.get("max_test"))}
+    loaded = {"train": (x_tr, y_tr, data_cfg["max_train"]),
+              "test": (x_te, y_te, data_cfg["max_test"])}
     splits = {}  # split -> (x (N,size,size,3) uint8, y (N,) int64); subset first, resize only what is kept
     for i, (split, (x, y, max_n)) in enumerate(loaded.items()):
         keep = balanced_subset(y, max_n, seed + i)
@@ -110,8 +110,8 @@ def check_source(data_cfg: dict) -> list[tuple[str, str]]:
             return _check_npz(_input_path(data_cfg, want_dir=False), data_cfg)
         if source == "folder":
             return _check_folder(_input_path(data_cfg, want_dir=True))
-        if source in TORCHVISION and not data_cfg.get("download"):
-            root = Path(data_cfg.get("path") or f"data/{source}")
+        if source in TORCHVISION and not data_cfg["download"]:
+            root = Path(data_cfg["path"] or f"data/{source}")
             folder = TORCHVISION[source][1]
             if not (root / folder).is_dir():
                 return [("data.path", f"no {folder}/ in {root} and data.download is false: set "
@@ -169,7 +169,7 @@ def _check_npz(path: Path, data_cfg: dict) -> list[tuple[str, str]]:
         if lo < 0 or hi >= n:
             out.append(("data.path", f"{path}: y_{s} has labels in [{lo}, {hi}]; they must lie in 0..{n - 1} "
                                      f"(class indices{'' if classes is None else ' into its classes array'})"))
-    if not out and not data_cfg.get("allow_empty_classes"):
+    if not out and not data_cfg["allow_empty_classes"]:
         empty = np.flatnonzero(np.bincount(y["train"], minlength=n) == 0).tolist()
         if empty:
             out.append(("data.allow_empty_classes",
@@ -213,14 +213,15 @@ def balanced_subset(y: np.ndarray, k: int | None, seed: int) -> np.ndarray:
     return np.sort(perm[pick])
 
 
-def stratified_split(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train_idx, test_idx): round(n_c * test_fraction) of each class c to test, >= 1 left in train."""
+def stratified_split(y: np.ndarray, fraction: float, seed: int, min_held: int = 0, min_kept: int = 1) -> tuple:
+    """(kept, held) sorted indices: round(n_c * fraction) of each class's n_c images held out, at least `min_held`
+    while `min_kept` stay (defaults: the data's train/test split; `evaluate.validation_split` holds 1 out)."""
     rng = np.random.default_rng(seed)
-    is_test = np.zeros(len(y), bool)
+    held = np.zeros(len(y), bool)
     for c in np.unique(y):  # loop over classes, not images
         idx = rng.permutation(np.flatnonzero(y == c))
-        is_test[idx[:min(int(round(len(idx) * test_fraction)), len(idx) - 1)]] = True
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+        held[idx[:min(max(int(round(len(idx) * fraction)), min_held), len(idx) - min_kept)]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def _to_rgb(x: np.ndarray) -> np.ndarray:
@@ -261,7 +262,7 @@ def _sha256(x: np.ndarray, y: np.ndarray) -> str:
 def _manifest(cfg: dict, classes: list[str], splits: dict) -> dict:
     mean, std = _channel_stats(splits["train"][0])
     return {
-        "dataset": dataset_name(cfg), "source": cfg["source"], "path": cfg.get("path"),
+        "dataset": dataset_name(cfg), "source": cfg["source"], "path": cfg["path"],
         "classes": classes, "num_classes": len(classes), "image_size": cfg["image_size"],
         "channels": 3, "mean": mean, "std": std, "split_seed": cfg["split_seed"],
         "counts": {s: int(len(y)) for s, (_, y) in splits.items()},
@@ -284,7 +285,7 @@ def _load_torchvision(cfg: dict):
     import torchvision.datasets as tvd
     source = cfg["source"]
     cls_name, folder = TORCHVISION[source]
-    root = Path(cfg.get("path") or f"data/{source}")
+    root = Path(cfg["path"] or f"data/{source}")
 
     def open_split(train: bool):
         kwargs = {"split": "train" if train else "test"} if source == "stl10" else {"train": train}
@@ -361,7 +362,7 @@ def _load_folder(cfg: dict):
 def _input_path(cfg: dict, want_dir: bool) -> Path:
     """data.path for folder/npz sources, checked before any heavy work."""
     kind = "an ImageFolder directory" if want_dir else "an .npz file"
-    if not cfg.get("path"):
+    if not cfg["path"]:
         raise DataError(f"data.path: required for data.source={cfg['source']}; set it to {kind}")
     path = Path(cfg["path"])
     if not path.exists():

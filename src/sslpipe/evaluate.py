@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sslpipe.models import state_fingerprint
+from sslpipe.data import stratified_split
+from sslpipe.metrics import fraction_tag
+from sslpipe.models import eval_mode, state_fingerprint
 
 LABEL_SUBSET_STREAM = 1  # a random stream of its own, so subsets do not mirror the val split's draws
 
@@ -71,15 +73,11 @@ def pixel_features(x: np.ndarray) -> Tensor:
 
 # ---- splits and label subsets ----------------------------------------------------------------
 
-def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val) with `fraction` of each class (at least one) in val."""
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        val.extend(idx[: max(1, int(round(fraction * len(idx))))])
-    val = np.sort(np.array(val))
-    return np.setdiff1d(np.arange(len(y)), val), val
+def validation_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with `fraction` of each class in val and at least one (the probe's
+    weight decay is chosen on val, so every class must be scored there); a class of one image
+    goes to val whole."""
+    return stratified_split(y, fraction, seed, min_held=1, min_kept=0)
 
 
 def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -95,21 +93,6 @@ def label_subset(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     rng = np.random.default_rng((seed, LABEL_SUBSET_STREAM))
     idx = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in classes]
     return np.sort(np.concatenate(idx))
-
-
-def fraction_tag(fraction: float) -> str:
-    """'1pct' for 0.01, '10pct' for 0.1 (round(100 f)); a fraction that is not a whole percent
-    keeps its digits ('0p5pct' for 0.005), so two fractions never share a name."""
-    pct = 100 * fraction
-    return f"{round(pct)}pct" if abs(pct - round(pct)) < 1e-9 else f"{pct:g}".replace(".", "p") + "pct"
-
-
-def fraction_tags(fractions: list[float]) -> list[str]:
-    tags = [fraction_tag(f) for f in fractions]
-    if len(set(tags)) != len(tags):
-        raise ValueError(f"config key 'evaluate.label_fractions' = {fractions} gives clashing metric names {tags}: "
-                         "use distinct fractions.")
-    return tags
 
 
 # ---- the linear probe ------------------------------------------------------------------------
@@ -146,7 +129,7 @@ def choose_weight_decay(f: Tensor, y: np.ndarray, num_classes: int, weight_decay
                         val_fraction: float, steps: int, seed: int) -> tuple[float, float]:
     """(weight decay, its validation top-1): fit on a stratified split of (f, y), score the rest."""
     y_t = torch.from_numpy(y).long()
-    tr, va = stratified_split(y, val_fraction, seed)
+    tr, va = validation_split(y, val_fraction, seed)
     val_acc = {}
     for wd in weight_decays:
         clf = fit_linear(f[tr], y_t[tr], num_classes, wd, steps, seed)
@@ -254,16 +237,11 @@ def knn_monitor(encoder: torch.nn.Module, xtr, ytr, xte, yte, device: torch.devi
     eval mode under inference mode, so neither weights nor BatchNorm statistics change; every
     submodule's train/eval flag is put back as it was. The encoder must already be on `device`.
     """
-    modes = [(m, m.training) for m in encoder.modules()]
-    try:
-        encoder.eval()
+    with eval_mode(encoder):
         itr, ite = _strided(len(xtr), max_train), _strided(len(xte), max_test)
         take = (lambda x, i: x[torch.from_numpy(i).to(x.device)] if isinstance(x, Tensor) else x[i])
         ftr = _encode(encoder, take(xtr, itr), device, amp_dtype, batch)
         fte = _encode(encoder, take(xte, ite), device, amp_dtype, batch)
-    finally:
-        for m, training in modes:  # per module (not encoder.train(...)): mixed modes survive
-            m.training = training
     ytr_t, yte_t = _labels(ytr)[torch.from_numpy(itr)], _labels(yte)[torch.from_numpy(ite)]
     num_classes = int(max(ytr_t.max(), yte_t.max())) + 1
     pred = knn_predict(ftr, ytr_t, fte, num_classes, k, temperature)
@@ -306,7 +284,7 @@ def write_embedding(path: str | Path, f: Tensor, y: np.ndarray, title: str,
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    from sslpipe.io import atomic_path
+    from sslpipe.io import save_figure
 
     xy, explained = pca_2d(f)
     xy, y = xy.numpy(), np.asarray(y)
@@ -323,8 +301,7 @@ def write_embedding(path: str | Path, f: Tensor, y: np.ndarray, title: str,
         ax.legend(fontsize="small", markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     ax.set(xlabel=f"PC 1 ({100 * explained[0]:.1f}% of variance)",
            ylabel=f"PC 2 ({100 * explained[1]:.1f}% of variance)", title=title)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
     return explained
 
 
@@ -340,7 +317,6 @@ def evaluate_features(ftr: Tensor, ytr: np.ndarray, fte: Tensor, yte: np.ndarray
     t0 = time.perf_counter()
     out = linear_probe(ftr, ytr, fte, yte, num_classes, ecfg["weight_decays"], ecfg["val_fraction"],
                        ecfg["probe_steps"], seed, correct)
-    fraction_tags(ecfg["label_fractions"])  # clashing metric names fail before any subset probe runs
     for fraction in ecfg["label_fractions"]:
         out.update(label_efficient_probe(ftr, ytr, fte, yte, num_classes, fraction, ecfg, seed,
                                          out["probe_weight_decay"], correct))

@@ -61,6 +61,13 @@ def write_npz(path: str | os.PathLike, arrays: dict) -> None:
         np.savez(tmp, **arrays)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib Figure (not pyplot: no global state, no GUI backend) as a PNG, written
+    atomically, cropped to its contents."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as fh:
         return json.load(fh)

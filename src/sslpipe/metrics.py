@@ -2,7 +2,7 @@
 what the report and `compare` may claim. Each fact about metrics is defined here once.
 
 Names. linear_eval writes `linear_top1`, `linear_top5`, `knn_top1` and, per label fraction f,
-`linear_top1_{tag}` (`evaluate.fraction_tag`: '1pct', '10pct'); its predictions.npz holds, for
+`linear_top1_{tag}` (`fraction_tag`: '1pct', '10pct'); its predictions.npz holds, for
 each top-1 metric, one 0/1 hit per test image, in the test split's order.
 
 Claims. "A beats B" is said only when the 95 % confidence interval of the paired difference
@@ -31,6 +31,20 @@ REFERENCES = frozenset({"supervised"})
 N_BOOT = 2000
 LEVEL = 0.95
 BOOT_SEED = 0  # the intervals are a pure function of the predictions
+
+
+def fraction_tag(fraction: float) -> str:
+    """'1pct' for 0.01, '10pct' for 0.1 (round(100 f)); a fraction that is not a whole percent
+    keeps its digits ('0p5pct' for 0.005), so two fractions never share a name."""
+    pct = 100 * fraction
+    return f"{round(pct)}pct" if abs(pct - round(pct)) < 1e-9 else f"{pct:g}".replace(".", "p") + "pct"
+
+
+def clashing_tags(fractions: list[float]) -> list[str] | None:
+    """The fractions' tags when two of them share one (their metric names would clash), else None
+    (`config.problems` checks `evaluate.label_fractions` with it)."""
+    tags = [fraction_tag(f) for f in fractions]
+    return tags if len(set(tags)) != len(tags) else None
 
 
 def load_hits(path) -> dict[str, np.ndarray] | None:

@@ -5,6 +5,9 @@ Langevin sampling (CD) and reconstruction (DAE) all work in plain pixel space.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -35,6 +38,23 @@ def resnet18_cifar() -> tuple[nn.Module, int]:
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss, no such device); the message says what to change."""
+
+
+class DivergedError(TrainingError):
+    """The training state went bad (a non-finite loss; a method's own check, e.g. CD's collapsed
+    chains): the loop never checkpoints such a state, and keeps the last good checkpoint."""
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode inside the block; afterwards every submodule's train/eval flag is
+    put back as it was, per module (so mixed modes survive), also when the block raises."""
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        yield module.eval()
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def pick_device(pref: str) -> torch.device:

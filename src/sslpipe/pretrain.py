@@ -45,9 +45,8 @@ from sslpipe import progress
 from sslpipe.config import train_settings
 from sslpipe.checkpoint import Checkpoint, Preempted, Progress, StopSignals, fingerprint
 from sslpipe.io import atomic_path, read_json, write_json, write_text
-from sslpipe.methods import METHODS
-from sslpipe.methods.cd import EnergyError
-from sslpipe.models import TrainingError, build_encoder, pick_device, pick_dtype
+from sslpipe.methods import METHODS, base
+from sslpipe.models import DivergedError, Encoder, TrainingError, build_encoder, pick_device, pick_dtype
 
 LogFn = Callable[[dict, int | None], None]
 
@@ -76,22 +75,38 @@ def seed_everything(seed: int) -> None:
 
 def build_method(cfg: dict, method_name: str, policy: dict, manifest: dict, n: int,
                  device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(encoder, method) on `device`, ready to train.
+    """(encoder, method) of the SSL method `method_name` on `device`, ready to train."""
+    encoder = build_encoder(cfg["model"], manifest)
+    return encoder, place(cfg, METHODS[method_name](encoder, cfg[method_name], policy, n), encoder, device)
+
+
+def place(cfg: dict, method: torch.nn.Module, encoder: Encoder, device: torch.device) -> torch.nn.Module:
+    """`method` (built around `encoder`) on `device`, ready to train.
 
     Under DDP every BatchNorm normalises over the global batch, as the single-process run's
-    does, unless the method normalises per group on purpose (`global_bn = False`: MoCo's
+    does, unless the method normalises per group on purpose (`base.global_bn`: MoCo's
     shuffling BN); and every rank starts from rank 0's parameters and buffers.
     """
-    encoder = build_encoder(cfg["model"], manifest)
-    method = METHODS[method_name](encoder, cfg[method_name], policy, n).to(device)
+    method = method.to(device)
     if cfg["channels_last"]:
         method = method.to(memory_format=torch.channels_last)
-    if getattr(method, "global_bn", True):
+    if base.global_bn(method):
         ddp.sync_batchnorm(method, device)  # children replaced in place: `encoder` is converted too
     ddp.broadcast_state(method)
     if cfg["pretrain"]["compile"]:
         encoder.backbone.compile()  # in place: state_dict keys stay those of the plain module
-    return encoder, method
+    return method
+
+
+def check_batch_size(b: int, n: int, data_dir: Path) -> None:
+    world = ddp.world()
+    if b > n:
+        raise TrainingError(f"config key 'pretrain.batch_size' = {b} is larger than the training set "
+                            f"({n} images in {data_dir}): lower pretrain.batch_size.")
+    if b % world:
+        raise TrainingError(f"config key 'pretrain.batch_size' = {b} is not divisible by the {world} processes: "
+                            "each process takes an equal share of every batch; change pretrain.batch_size or "
+                            "pretrain.processes.")
 
 
 def load_train_tensor(data_dir: Path, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -102,8 +117,6 @@ def load_train_tensor(data_dir: Path, device: torch.device, channels_last: bool)
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 
-
-# ---- training state, checkpoints and RNG states ----------------------------------------------
 
 # ---- the training loop -----------------------------------------------------------------------
 
@@ -134,25 +147,48 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     policy = read_json(policy_path)
     x = load_train_tensor(data_dir, device, cfg["channels_last"])
     n, b = len(x), tcfg["batch_size"]
-    if b > n:
-        raise TrainingError(f"config key 'pretrain.batch_size' = {b} is larger than the training set "
-                            f"({n} images in {data_dir}): lower pretrain.batch_size.")
-    if b % world:
-        raise TrainingError(f"config key 'pretrain.batch_size' = {b} is not divisible by the {world} processes: "
-                            "each process takes an equal share of every batch; change pretrain.batch_size or "
-                            "pretrain.processes.")
-
+    check_batch_size(b, n, data_dir)
     encoder, method = build_method(cfg, method_name, policy, manifest, n, device)
+    ckpt = Checkpoint(Path(checkpoint) if checkpoint else None,
+                      fingerprint(cfg, method_name, seed, manifest, policy, device, amp_dtype, world),
+                      tcfg["checkpoint_every"], device)
+    monitor = knn_monitor(cfg, encoder, x, data_dir, device, seed) if main else None
+    st, t_start, resumed_at = fit(cfg, tcfg, method, method_name, x, seed, device, amp_dtype, ckpt, log, echo,
+                                  f"pretrain {method_name}", monitor)
+
+    diagnostics = {}
+    if main and base.has_diagnostics(method):  # eval mode: no collectives, rank 0 alone is fine
+        torch.manual_seed(seed)  # diagnostics draw noise too: make them repeatable on their own
+        diagnostics = base.diagnostics(method, x[: min(n, 256)], out_dir)
+        if diagnostics:
+            log(diagnostics, tcfg["epochs"])
+    if main:  # every rank holds the same encoder; one writes it
+        save_encoder(encoder, out_dir / "encoder.pt")
+        write_text(out_dir / "history.csv", history_csv(st.history))
+        ckpt.delete()  # the outputs now hold all that the checkpoint was kept for
+    wall = time.perf_counter() - t_start
+    summary = {"method": method_name, "seed": seed, "device": str(device), "precision": str(amp_dtype or "fp32"),
+               "epochs": tcfg["epochs"], "steps": st.step, "wall_time_s": wall,
+               "images_per_s": st.step * b / wall, "final_loss": st.history[-1]["loss"], "diagnostics": diagnostics,
+               "resumed_at_step": resumed_at, "processes": world}
+    return summary
+
+
+def fit(cfg: dict, tcfg: dict, method: torch.nn.Module, name: str, x: torch.Tensor, seed: int,
+        device: torch.device, amp_dtype: torch.dtype | None, ckpt: Checkpoint, log: LogFn,
+        echo: Callable[[str], None], title: str, monitor: tuple[int, Callable[[], float]] | None = None
+        ) -> tuple[Progress, float, int | None]:
+    """Train `method` (placed on `device` by `place`, seeded by `seed_everything(seed)`) on the
+    uint8 images `x` with the settings `tcfg`: resumed from `ckpt` when it holds this run, by
+    `Loop`, then left in eval mode; `title` starts the header line. Returns the final Progress, the training clock's start
+    (perf_counter) and the step the run resumed from (None for a fresh one)."""
+    world, n, b = ddp.world(), len(x), tcfg["batch_size"]
     if ddp.rank() > 0:  # independent augmentation streams per rank; rank 0 keeps the single-process one
         seed_everything(int(np.random.SeedSequence([seed, ddp.rank()]).generate_state(1)[0]))
     opt = make_optimizer([p for p in method.parameters() if p.requires_grad], tcfg, device)
-
-    echo(f"pretrain {method_name} seed={seed}: {n} images, batch {b}, {tcfg['epochs']} epochs, device {device}, "
+    echo(f"{title} seed={seed}: {n} images, batch {b}, {tcfg['epochs']} epochs, device {device}, "
          f"precision {amp_dtype or 'fp32'}, backbone {cfg['model']['backbone']}"
          + (f", {world} processes (batch {b // world} each)" if world > 1 else ""))
-    ckpt = Checkpoint(Path(checkpoint) if checkpoint else None,
-                      fingerprint(cfg, method_name, seed, manifest, policy, device, amp_dtype, world),
-                      tcfg.get("checkpoint_every", 1), device)
     st = ckpt.load(method, opt, echo)
     resumed_at = None if st is None else st.step
     if st is None:
@@ -161,31 +197,13 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
         echo(f"resuming from {ckpt.path}: {ckpt.last}")
         for row in st.history:  # this job's tracking run gets the whole curve, not only the rest
             log({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
-
-    loop = Loop(method, opt, x, tcfg, device, amp_dtype, method_name, ckpt, log, echo,
-                monitor=knn_monitor(cfg, encoder, x, data_dir, device, seed) if main else None)
+    loop = Loop(method, opt, x, tcfg, device, amp_dtype, name, ckpt, log, echo, monitor=monitor)
     try:
         loop.run(st)
-    except (TrainingError, EnergyError) as exc:  # non-finite: keep the last good checkpoint, say where
+    except DivergedError as exc:  # non-finite: keep the last good checkpoint, say where
         raise type(exc)(f"{exc} {ckpt.note()}") from exc
-
     method.eval()
-    diagnostics = {}
-    if main and hasattr(method, "diagnostics"):  # eval mode: no collectives, rank 0 alone is fine
-        torch.manual_seed(seed)  # diagnostics draw noise too: make them repeatable on their own
-        diagnostics = method.diagnostics(x[: min(n, 256)], out_dir) or {}
-        if diagnostics:
-            log(diagnostics, tcfg["epochs"])
-    if main:  # every rank holds the same encoder; one writes it
-        save_encoder(encoder, out_dir / "encoder.pt")
-        write_text(out_dir / "history.csv", history_csv(st.history))
-        ckpt.delete()  # the outputs now hold all that the checkpoint was kept for
-    wall = time.perf_counter() - loop.t_start
-    summary = {"method": method_name, "seed": seed, "device": str(device), "precision": str(amp_dtype or "fp32"),
-               "epochs": tcfg["epochs"], "steps": st.step, "wall_time_s": wall,
-               "images_per_s": st.step * b / wall, "final_loss": st.history[-1]["loss"], "diagnostics": diagnostics,
-               "resumed_at_step": resumed_at, "processes": world}
-    return summary
+    return st, loop.t_start, resumed_at
 
 
 def knn_monitor(cfg: dict, encoder, x: torch.Tensor, data_dir: Path, device: torch.device,
@@ -196,7 +214,7 @@ def knn_monitor(cfg: dict, encoder, x: torch.Tensor, data_dir: Path, device: tor
     A monitor only: labels never reach the loss, and the accuracy-over-epochs curve shows when
     the representation stops improving. It never opens the test split: the queries are the
     validation part of the *training* set that linear evaluation holds out to choose the probe's
-    weight decay (`evaluate.stratified_split` with `evaluate.val_fraction` and the run's seed),
+    weight decay (`evaluate.validation_split` with `evaluate.val_fraction` and the run's seed),
     the neighbours the rest. Features in fp32, as in evaluation. None when off.
     """
     ecfg = cfg["evaluate"]
@@ -206,7 +224,7 @@ def knn_monitor(cfg: dict, encoder, x: torch.Tensor, data_dir: Path, device: tor
     from sslpipe import evaluate as ev
 
     _, ytr = data_mod.load_split(data_dir, "train")  # training labels only, never the test split's
-    bank, val = ev.stratified_split(ytr, ecfg["val_fraction"], seed)
+    bank, val = ev.validation_split(ytr, ecfg["val_fraction"], seed)
     # Gathered once, not at every call: the images stay the same, only the encoder changes.
     xb, xv = x[torch.from_numpy(bank).to(x.device)], x[torch.from_numpy(val).to(x.device)]
     k = ev.knn_k_for(ecfg["knn_k"], len(bank))
@@ -277,14 +295,19 @@ class Loop:
         loss.backward()
         ddp.average_grads(self.params)  # the global batch's gradient (a no-op in one process)
         self.opt.step()
-        self.method.after_step()
+        base.after_step(self.method)
         st.loss_sum += loss.detach().float()
         for k, v in logs.items():
             st.extra_sum[k] = st.extra_sum.get(k, 0) + v.detach().float()
         st.step += 1
         st.step_in_epoch += 1
         if st.step % self.tcfg["log_every"] == 0 and ddp.any_rank(not torch.isfinite(st.loss_sum), self.device):
-            raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
+            raise DivergedError(self.non_finite(st))
+
+    def non_finite(self, st: Progress) -> str:
+        hint = base.divergence_hint(self.method)
+        return (f"{self.name}: the loss became non-finite at epoch {st.epoch} (step {st.step}). Lower pretrain.lr, "
+                f"or use precision: fp32{'; ' + hint if hint else ''}.")
 
     def stopping(self, stop: StopSignals, st: Progress, epoch_end: bool = False) -> bool:
         """Whether to stop now. Under DDP all ranks must stop after the same step (the checkpoint
@@ -301,7 +324,7 @@ class Loop:
         self.sums_over_ranks(st)
         mean_loss = (st.loss_sum / self.steps_per_epoch).item()
         if not math.isfinite(mean_loss):
-            raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
+            raise DivergedError(self.non_finite(st))
         lr, dt = self.lr(st.step - 1), time.perf_counter() - t0
         row = {"epoch": st.epoch, "loss": mean_loss, "lr": lr,
                "images_per_s": self.steps_per_epoch * self.tcfg["batch_size"] / dt,
@@ -333,7 +356,7 @@ class Loop:
         """Write the checkpoint for where `st` stands and raise Preempted."""
         diverged = st.loss_sum is not None and not torch.isfinite(st.loss_sum)
         if ddp.any_rank(diverged, self.device):  # never save a diverged state
-            raise TrainingError(non_finite_message(self.name, st.epoch, st.step))
+            raise DivergedError(self.non_finite(st))
         self.sums_over_ranks(st)  # the process stops after this: the sums are not used again here
         self.save(st)
         raise Preempted(f"{self.name}: preempted by {stop.name or 'a signal to another process'} at {self.ckpt.last}; checkpoint written to "
@@ -348,11 +371,6 @@ def progress_line(epoch: int, epochs: int, row: dict) -> str:
     extra = f" val kNN {100 * row['val_knn_top1']:.1f}%" if "val_knn_top1" in row else ""
     return (f"epoch {epoch}/{epochs} loss {row['loss']:.4f} lr {row['lr']:.2e} {row['images_per_s']:.0f} img/s "
             f"elapsed {clock(row['wall_s'])} eta {clock(eta)}{extra}")
-
-
-def non_finite_message(method: str, epoch: int, step: int) -> str:
-    return (f"{method}: the loss became non-finite at epoch {epoch} (step {step}). Lower pretrain.lr, "
-            "or use precision: fp32; for cd, lower cd.step_size or raise cd.alpha.")
 
 
 def save_encoder(encoder: torch.nn.Module, path: Path) -> None:

@@ -111,15 +111,15 @@ def embedding_path(metrics_path: Path) -> Path:
 
 
 def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, manifest: dict,
-                 ytr, device, amp, run) -> tuple[torch.nn.Module, dict]:
-    """The encoder to evaluate: pretrained (encoder_path), supervised (trained here, with labels)
-    or random (seeded initialisation); plus any metrics its making produced."""
+                 ytr, device, amp, run, checkpoint: Path | None = None) -> tuple[torch.nn.Module, dict]:
+    """The encoder to evaluate: pretrained (encoder_path), supervised (trained here, with labels,
+    resuming from `checkpoint`) or random (seeded initialisation); plus any metrics its making produced."""
     if encoder_path is not None:
         return models.load_encoder(cfg["model"], manifest, encoder_path), {}
     if name == "supervised":
         from sslpipe import supervised
 
-        return supervised.train(cfg, manifest, data_dir, ytr, seed, device, amp, log=run.log)
+        return supervised.train(cfg, manifest, data_dir, ytr, seed, device, amp, log=run.log, checkpoint=checkpoint)
     if name == "random":
         torch.manual_seed(seed)
         return models.build_encoder(cfg["model"], manifest), {}
@@ -127,10 +127,11 @@ def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: 
 
 
 def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run,
-                predictions: Path | None = None) -> dict:
+                predictions: Path | None = None, checkpoint: Path | None = None) -> dict:
     """Evaluate a pretrained encoder (`encoder_path`) or a baseline (`name` pixels / random /
     supervised): metrics.json at `out`, the test features' PCA picture beside it, and with
-    `predictions` an npz of per-test-image hits (uint8, test order) for each top-1 metric."""
+    `predictions` an npz of per-test-image hits (uint8, test order) for each top-1 metric.
+    `checkpoint`: the supervised baseline's resume checkpoint, deleted once metrics.json is written."""
     manifest, xtr, ytr, xte, yte, device, amp = _eval_setup(cfg, data_dir)
     say(f"linear_eval {name} seed={seed}: {'encoder ' + str(encoder_path) if encoder_path else 'baseline'}, "
         f"{len(ytr)} train / {len(yte)} test images, device {device}; features in fp32, then linear probe "
@@ -144,7 +145,8 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
                                        manifest["num_classes"], cfg["evaluate"], seed, **picture)
         metrics["encoder_unchanged"] = True  # no encoder to change
     else:
-        encoder, made = _encoder_for(cfg, name, seed, data_dir, encoder_path, manifest, ytr, device, amp, run)
+        encoder, made = _encoder_for(cfg, name, seed, data_dir, encoder_path, manifest, ytr, device, amp, run,
+                                     checkpoint)
         # Features in fp32 whatever `precision` says: autocast is a training-speed device, and an
         # evaluation must not depend on the CPU's bf16 support (features in bf16 moved linear
         # top-1 by up to 6 points). `amp` only speeds up the supervised baseline's training.
@@ -171,6 +173,8 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
     if predictions is not None:
         write_npz(predictions, {k: v.astype(np.uint8) for k, v in correct.items()})
     write_json(out, metrics)
+    if checkpoint is not None:  # the outputs now hold all that it was kept for
+        Path(checkpoint).unlink(missing_ok=True)
     run.artifact(out)
     run.artifact(picture["embedding"])
     if predictions is not None:  # `compare` reads it back for its paired intervals

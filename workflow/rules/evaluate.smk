@@ -33,7 +33,9 @@ rule linear_eval:
 
 # Baselines on the same protocol, so the report shows whether pretraining helped: a linear
 # probe on raw pixels and on the randomly initialised encoder (lower references), and on the
-# same encoder trained with labels (supervised, the upper reference; it trains here).
+# same encoder trained with labels (supervised, the upper reference; it trains here, by the
+# pretraining loop, and resumes from its checkpoint after SIGTERM as pretraining does; the
+# other baselines ignore --checkpoint).
 rule baseline:
     input:
         unpack(data_files),
@@ -44,6 +46,7 @@ rule baseline:
     params:
         cfg=lambda w: stage_config("linear_eval", baseline=w.baseline),
         data_dir=lambda w, input: os.path.dirname(input.manifest),
+        checkpoint="checkpoints/{name}/{baseline}/seed{seed}/checkpoint.pt",
     log:
         "logs/{name}/linear_eval/{baseline}/seed{seed}.log",
     benchmark:
@@ -54,4 +57,4 @@ rule baseline:
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.baseline} "
         "--seed {wildcards.seed} --data-dir {params.data_dir:q} --out {output.metrics:q} "
-        "--predictions {output.predictions:q} > {log:q} 2>&1"
+        "--predictions {output.predictions:q} --checkpoint {params.checkpoint:q} > {log:q} 2>&1"

@@ -55,14 +55,14 @@ from torch import Tensor, nn
 
 from sslpipe import distributed as ddp
 from sslpipe.augment import ViewMaker, to_float
-from sslpipe.io import atomic_path, make_grid, save_png
+from sslpipe.io import make_grid, save_figure, save_png
 from sslpipe.methods.shared import view_policy
-from sslpipe.models import Encoder
+from sslpipe.models import DivergedError, Encoder, eval_mode
 
 SAMPLER_KEYS = ("mode", "langevin_steps", "step_size", "noise_std", "init_noise", "restart", "data_noise")
 
 
-class EnergyError(RuntimeError):
+class EnergyError(DivergedError):
     """The energies became non-finite or the chains collapsed; the message names the keys to change."""
 
 
@@ -166,6 +166,7 @@ def spread(x: Tensor) -> Tensor:
 
 class CD(nn.Module):
     name = "cd"
+    divergence_hint = "lower cd.step_size or raise cd.alpha"  # appended to the loop's non-finite message
 
     @staticmethod
     def policy(cfg: dict, image_size: int) -> dict:
@@ -280,22 +281,17 @@ class CD(nn.Module):
             loss, logs["l_nce"] = l_cd + c["nce_weight"] * l_nce, l_nce
         return loss, {k: v.detach().float() for k, v in logs.items()}
 
-    def after_step(self) -> None:
-        pass
-
     @torch.no_grad()
     def diagnostics(self, x: Tensor, out_dir: str | Path) -> dict[str, float]:
         """Energy histograms of data, fresh negatives and restart noise; data above negatives (grid)."""
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-        was_training = self.training
-        self.eval()
-        x01 = to_float(x)
-        x0, _ = self.starts(x01, len(x01), 0.0, ref=x01)  # pcd: a fresh run from the buffer, not written back
-        x_neg, drift = self.sample(x0)
-        energies = {name: self.energy(v).cpu().numpy()
-                    for name, v in (("data", x01), ("negatives", x_neg), ("noise", self.restart(x01, len(x01))))}
-        self.train(was_training)
+        with eval_mode(self):
+            x01 = to_float(x)
+            x0, _ = self.starts(x01, len(x01), 0.0, ref=x01)  # pcd: a fresh run from the buffer, not written back
+            x_neg, drift = self.sample(x0)
+            energies = {name: self.energy(v).cpu().numpy()
+                        for name, v in (("data", x01), ("negatives", x_neg), ("noise", self.restart(x01, len(x01))))}
 
         fig = Figure(figsize=(5.5, 3.5))
         ax = fig.add_subplot()
@@ -305,8 +301,7 @@ class CD(nn.Module):
         ax.set(xlabel="energy E(x) (lower = more data-like)", ylabel="count", title="CD energies")
         ax.legend()
         out_dir = Path(out_dir)
-        with atomic_path(out_dir / "cd_energy_histogram.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        save_figure(fig, out_dir / "cd_energy_histogram.png")
         # First row: data; the other seven: negatives. Enlarged (nearest) to >= 512 px tall.
         tiles = torch.cat([x01[:8], x_neg[:56]]).float().cpu()
         save_png(make_grid(tiles, nrow=8), out_dir / "cd_negatives.png", min_height=512)

@@ -253,6 +253,3 @@ class PIRL(nn.Module):
             # Every rank's rows, on every rank (distinct indices: one permutation's slices).
             self.bank[ddp.gather_nograd(idx)] = ddp.gather_nograd(new.to(self.bank.dtype))
         return loss, {"bank_sim": bank_sim}
-
-    def after_step(self) -> None:
-        pass

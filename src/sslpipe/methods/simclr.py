@@ -81,6 +81,3 @@ class SimCLR(nn.Module):
             sim = cosine_logits(z1, z2_all, 1.0)
             acc = (sim.argmax(1) == torch.arange(offset, offset + len(z1), device=z.device)).float().mean()
         return loss, {"pos_top1": acc}
-
-    def after_step(self) -> None:
-        pass
