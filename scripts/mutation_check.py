@@ -66,7 +66,7 @@ MUTATIONS = [
       "no broadcast of the epoch permutation under DDP"),
     M("probe_not_refit", "src/sslpipe/evaluate.py",
       "logits = _fit_and_predict(ftr, ytr, fte, num_classes, best, steps, seed)",
-      "tr, _ = stratified_split(ytr, val_fraction, seed)\n"
+      "tr, _ = validation_split(ytr, val_fraction, seed)\n"
       "    logits = _fit_and_predict(ftr[tr], ytr[tr], fte, num_classes, best, steps, seed)",
       ("tests/test_evaluate.py",), "the probe not refit on all training data after choosing weight decay"),
     M("test_standardised_on_itself", "src/sslpipe/evaluate.py",

@@ -2,8 +2,9 @@
 
 One step of the 2-process run at global batch B computes what one process computes at batch B:
 the same loss and the same parameter gradients (SimCLR's negatives span both ranks, MoCo's
-shuffling BN and queue span both ranks, PIRL's negatives and memory bank are shared, BatchNorm
-normalises over the global batch). Then the real CLI under torchrun writes its outputs once.
+shuffling BN and queue span both ranks, PIRL's negatives and memory bank are shared, the
+supervised baseline's cross-entropy reads each rank's rows' labels, BatchNorm normalises over the
+global batch). Then the real CLI under torchrun writes its outputs once.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from sslpipe.augment import jigsaw, to_float
 from sslpipe.checkpoint import Checkpoint, Progress
 from sslpipe.config import ConfigError, resolve
 from sslpipe.methods import METHODS
-from sslpipe.models import load_encoder
+from sslpipe.models import build_encoder, load_encoder
+from sslpipe.supervised import Supervised, mild_policy
 
 REPO = Path(__file__).resolve().parents[1]
 B, N, SIZE = 16, 32, 16  # global batch, training set, image side
@@ -40,7 +42,7 @@ STEP_CFG = {
     "pirl": {"grid": 2, "num_negatives": 16},
 }
 MANIFEST = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
-STEP_METHODS = ("simclr", "moco", "pirl")
+STEP_METHODS = ("simclr", "moco", "pirl", "supervised")  # supervised: the baseline, trained by the same loop
 
 
 def fixed_views(x: torch.Tensor, n_views: int | None = None) -> list[torch.Tensor]:
@@ -72,9 +74,12 @@ def one_step(name: str) -> dict[str, torch.Tensor]:
 
     pirl_mod.jigsaw = fixed_jigsaw  # the caller restores it (the worker processes just exit)
     cfg, cpu = resolve(STEP_CFG), torch.device("cpu")
-    policy = METHODS[name].policy(cfg[name], SIZE)
     torch.manual_seed(0)
-    _, method = pt.build_method(cfg, name, policy, MANIFEST, N, cpu)
+    if name == "supervised":  # labels: 10 classes in turn; the loss reads those of the batch's rows
+        encoder = build_encoder(cfg["model"], MANIFEST)
+        method = pt.place(cfg, Supervised(encoder, torch.arange(N) % 10, 10, mild_policy(SIZE)), encoder, cpu)
+    else:
+        _, method = pt.build_method(cfg, name, METHODS[name].policy(cfg[name], SIZE), MANIFEST, N, cpu)
     method.views = fixed_views
     opt = pt.make_optimizer([p for p in method.parameters() if p.requires_grad], cfg["pretrain"], cpu)
     loop = pt.Loop(method, opt, images(), cfg["pretrain"], cpu, None, name, Checkpoint(None, "", 1, cpu),

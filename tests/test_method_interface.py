@@ -28,14 +28,6 @@ TESTED_LOSS = {"simclr": (simclr, "nt_xent"), "moco": (moco, "info_nce"), "pirl"
                "dae": (dae, "reconstruction_error"), "cd": (cd, "cd_loss")}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("interface")
