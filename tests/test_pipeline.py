@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +167,33 @@ def test_report_names_every_method_and_baseline(pipeline):
     assert sorted(names) == sorted(METHODS + BASELINES)
     for name in names:
         assert re.search(rf"\b{name}\b", text), name
+
+
+def test_the_report_reads_only_its_declared_inputs(pipeline, tmp_path, monkeypatch):
+    """The report rule declares every file the report reads: its --inputs are exactly its declared
+    inputs (benchmarks and the CD and DAE figures included), and the report, given them, opens
+    no other file of the run (tests/reportkit.py)."""
+    from reportkit import only_given, opened_files, sslpipe_build_report
+
+    work, cfg, _ = pipeline
+    proc = snakemake(work, "--configfile", str(cfg), "-n", "-p", "--forcerun", "report", "results/tiny/report/report.html")
+    job = proc.stdout[proc.stdout.index("rule report:"):]
+    declared = re.search(r"^\s*input: (.+)$", job, re.M).group(1).split(", ")
+    command = next(line for line in job.splitlines() if "-m sslpipe report" in line)
+    words = shlex.split(command.split("sslpipe report", 1)[1].split(" > ")[0])
+    inputs = json.loads(words[words.index("--inputs") + 1])
+    monkeypatch.chdir(work)  # the paths are relative to the working directory, as in the job
+    _, given = only_given([], inputs, work, tmp_path)
+    assert given == {Path(p).resolve() for p in declared} and all(p.is_file() for p in given)
+    figures = {Path(p).name for m in ("cd", "dae") for p in inputs["pretrain"][m]["0"]["diagnostics"]}
+    assert figures == {"cd_energy_histogram.png", "cd_negatives.png", "dae_energy_vs_corruption.png",
+                       "dae_reconstructions.png"}
+    assert len(inputs["benchmarks"]) == 1 + 5 + 5 + 8  # prepare, augment x5, pretrain x5, evaluations x8
+    out = tmp_path / "report"
+    with opened_files() as opened:
+        sslpipe_build_report(inputs, "digits", METHODS, [0], BASELINES, out)
+    read, _ = only_given(opened, inputs, work, out)
+    assert read and read <= given, sorted(map(str, read - given))
 
 
 def test_rerun_with_nothing_changed_does_nothing(pipeline):

@@ -29,6 +29,11 @@ def load_config(text: str) -> dict:
     return cfg
 
 
+def _json_or_file(text: str) -> dict:
+    """JSON given inline (as the rules pass it) or the path of a JSON file (by hand)."""
+    return json.loads(text if text.lstrip().startswith("{") else Path(text).read_text())
+
+
 def _names(*keys: str) -> list[str]:
     """Allowed values of a schema array's items (methods, evaluate.baselines), without torch."""
     props = config_mod.load_schema()["properties"]
@@ -103,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the HTML/Markdown report comparing methods")
     _common(p)
-    p.add_argument("--results-dir", type=Path, required=True)
+    p.add_argument("--inputs", type=_json_or_file, required=True,
+                   help="every file the report reads, keyed (sslpipe.report.build_report), as JSON or a JSON file")
     p.add_argument("--out-dir", type=Path, required=True)
 
     p = sub.add_parser("compare", help="methods x metrics (mean ± std over seeds) from the MLflow store",
@@ -189,5 +195,5 @@ def run(args: argparse.Namespace) -> int:
             stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run,
                                predictions=args.predictions, checkpoint=args.checkpoint)
         elif stage == "report":
-            stages.report(cfg, args.results_dir, args.out_dir, run)
+            stages.report(cfg, args.inputs, args.out_dir, run)
     return 0

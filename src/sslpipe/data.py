@@ -37,6 +37,7 @@ class DataError(ValueError):
 
 
 def dataset_name(data_cfg: dict) -> str:
+    """The one name of a dataset (manifest, MLflow tag, report title): data.name, else its source."""
     return data_cfg.get("name") or data_cfg["source"]
 
 

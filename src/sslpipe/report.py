@@ -5,10 +5,13 @@ Claims follow confidence intervals: "beats" only where the paired 95 % interval 
 difference excludes zero (`sslpipe.metrics`), from the per-test-image hits in each evaluation's
 predictions.npz; without them the report shows means and makes no claim.
 
-Optional inputs get a section only when they exist: validation kNN-monitor curves
-(`val_knn_top1` column of history.csv), embedding plots (linear_eval/{name}/seed{first seed}/embedding.png), label-efficient
-probes (`linear_top1_<p>pct` keys of metrics.json), method diagnostics (other PNGs of a pretrain
-folder) and wall time per job (Snakemake benchmark TSVs).
+The report reads exactly the files it is given (`build_report`'s `inputs`: the report rule's
+declared inputs, passed as JSON by workflow/rules/report.smk) and names none itself, so
+Snakemake re-runs it whenever any of them changes. Optional inputs get a section only when
+given and present: validation kNN-monitor curves (`val_knn_top1` column of history.csv),
+embedding plots (the first seed's), label-efficient probes (`linear_top1_<p>pct` keys of
+metrics.json), method diagnostics (the figures a method's pretraining wrote besides its declared
+outputs) and wall time per job (Snakemake benchmark TSVs).
 
 The HTML is self-contained (inline CSS, figures as base64 PNG data URIs; its only links are
 its own contents and the MLflow run pages) so it can be mailed or attached to an MLflow run
@@ -21,7 +24,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from .io import read_json
 from .reportdoc import Doc, Link, num as _num, write_text as _write_text
 
 KNN_COLUMN = "val_knn_top1"  # the pretraining monitor's column in history.csv (validation split)
-# PNGs in a pretrain run folder that are not method diagnostics (the report draws its own plots).
+# PNG names that are never method diagnostics (the report draws its own plots).
 STANDARD_PNGS = frozenset({"loss.png", "loss_curve.png", "preview.png"})
 # What each column of a method's augmentation preview shows (methods/*.py `preview`), after the original.
 PREVIEW_COLUMNS = {"simclr": ["view 1", "view 2"], "moco": ["query view", "key view"],
@@ -60,6 +62,25 @@ def _load_json(path: Path) -> Any:
     return read_json(_require(path))
 
 
+def _given(inputs: dict, *keys) -> Any:
+    """inputs[k1][k2]...; seeds may be JSON's string keys. Names what the caller did not pass."""
+    node = inputs
+    for k in keys:
+        if not isinstance(node, dict) or (k not in node and str(k) not in node):
+            raise ValueError(f"report inputs: nothing given for {'/'.join(map(str, keys))}")
+        node = node[k] if k in node else node[str(k)]
+    return node
+
+
+def _optional(inputs: dict, *keys) -> Path | None:
+    """A given optional input that exists, else None."""
+    try:
+        path = Path(_given(inputs, *keys))
+    except ValueError:
+        return None
+    return path if path.is_file() else None
+
+
 def _load_benchmark(path: Path) -> float:
     """Seconds a job took: column `s` of a Snakemake benchmark TSV (mean over repeats)."""
     with open(path, newline="") as fh:
@@ -71,22 +92,13 @@ def _load_benchmark(path: Path) -> float:
                          "column); delete it and re-run that job to measure it again") from None
 
 
-def _benchmarks(bdir: Path, kinds: dict[str, str], seeds: list[int]) -> list[tuple]:
-    """(stage, name or None, seed or None, seconds) per job of this config, from benchmarks/{dataset}/.
-
-    The path names the job: {stage}[/{name}][/seed{seed}].tsv, e.g. pretrain/simclr/seed0.tsv.
-    Files of methods or seeds not in this config are stale and left out, and so is report.tsv:
-    the report's own benchmark is written after it finishes, so it is always a previous run's.
-    """
-    jobs = []
-    for path in sorted(bdir.rglob("*.tsv")) if bdir.is_dir() else []:
-        stage, *rest = path.relative_to(bdir).with_suffix("").parts
-        seed = int(rest.pop()[4:]) if rest and re.fullmatch(r"seed\d+", rest[-1]) else None
-        name = "/".join(rest) or None
-        if stage == "report" or (name and name not in kinds) or (seed is not None and seed not in seeds):
-            continue
-        jobs.append((stage, name, seed, _load_benchmark(path)))
-    return jobs
+def _benchmarks(rows: list) -> list[tuple]:
+    """(stage, name or None, seed or None, seconds) per job, from the given [stage, name, seed,
+    benchmark TSV] rows (the rule declares one per job of this config; never the report's own,
+    which is written after it finishes), ordered by stage, name and seed."""
+    rows = sorted(rows, key=lambda r: (r[0], r[1] or "", -1 if r[2] is None else int(r[2])))
+    return [(stage, name, None if seed is None else int(seed), _load_benchmark(Path(path)))
+            for stage, name, seed, path in rows]
 
 
 def _load_history(path: Path) -> pd.DataFrame:
@@ -136,11 +148,11 @@ def _mlflow(provenance: dict | None):
     return link, base, on
 
 
-def _cost(name: str, kind: str, root: Path, seeds: list[int], metrics: dict) -> list[str]:
+def _cost(name: str, kind: str, summaries: dict, seeds: list[int], metrics: dict) -> list[str]:
     """Pretraining wall time (s) and images/s, mean over seeds: the method's own training, or the
     supervised baseline's; nothing for baselines that do not train."""
     if kind == "ssl":
-        ss = [_load_json(root / "pretrain" / name / f"seed{s}" / "summary.json") for s in seeds]
+        ss = [summaries[(name, s)] for s in seeds]
         wall, ips = [x.get("wall_time_s") for x in ss], [x.get("images_per_s") for x in ss]
     else:
         wall = [metrics[(name, s)].get("supervised_train_s") for s in seeds]
@@ -174,41 +186,40 @@ def _claims_section(doc: Doc, comps: list[dict], methods: list[str], bars: list[
     doc.table(["method", "against"] + [f"{mt.label(k)}: Δ points [95 % CI]" for k in metrics], body)
 
 
-def _method_section(doc: Doc, root: Path, method: str, seeds: list[int], metrics: dict, tile: int, link) -> None:
+def _method_section(doc: Doc, inputs: dict, method: str, seeds: list[int], metrics: dict, summaries: dict,
+                    tile: int, link) -> None:
     doc.heading(f"Method: {method}")
-    aug = root / "augment" / method
-    preview = _require(aug / "preview.png").read_bytes()
+    preview = _require(Path(_given(inputs, "augment", method, "preview"))).read_bytes()
     labels = ["original"] + PREVIEW_COLUMNS.get(method, [])
     doc.figure(f"preview_{method}", fig.preview_with_headers(preview, tile, labels),
                f"{method} augmentation preview (rows: training images; columns: {', '.join(labels)})")
-    policy = _load_json(aug / "policy.json")
+    policy = _load_json(Path(_given(inputs, "augment", method, "policy")))
     doc.code("Augmentation policy", json.dumps(policy, indent=2, sort_keys=True), "json")
-    if (aug / "benchmark.json").is_file():  # optional: only when the augment benchmark ran
-        ips = read_json(aug / "benchmark.json").get("images_per_s")
+    if bench := _optional(inputs, "augment", method, "benchmark"):  # only when the augment benchmark ran
+        ips = read_json(bench).get("images_per_s")
         doc.para(f"Augmentation throughput: {_num(ips, '.1f')} images/s")
     body, extras = [], []
     for seed in seeds:
-        run = root / "pretrain" / method / f"seed{seed}"
-        s = _load_json(run / "summary.json")
-        m = metrics[(method, seed)]
+        s, m = summaries[(method, seed)], metrics[(method, seed)]
         body.append([seed, s.get("device"), str(s.get("precision")).replace("torch.", ""), s.get("epochs"),
                      _num(s.get("final_loss"), ".4f"), _num(s.get("wall_time_s"), ".1f"),
                      _num(s.get("images_per_s"), ".1f"), _num(100 * m["linear_top1"], ".1f"),
                      link(s.get("run_id"), "pretrain run") if s.get("run_id") else "—"])
-        # Method-specific diagnostics (reconstructions, energy histograms...): embed whatever exists.
-        extras += [(p, seed) for p in sorted(run.glob("*.png")) if p.name not in STANDARD_PNGS]
+        # Method-specific diagnostics (reconstructions, energy histograms...): embed every one given.
+        extras += [(Path(p), seed) for p in _given(inputs, "pretrain", method, seed).get("diagnostics", [])
+                   if Path(p).name not in STANDARD_PNGS]
     doc.table(["seed", "device", "precision", "epochs", "final loss", "wall time (s)", "images/s",
                "linear top-1 (%)", "MLflow"], body)
     doc.begin_grid()
     for path, seed in extras:  # "dae_energy_vs_corruption" -> "dae energy vs corruption (seed 0)"
-        doc.figure(f"{'' if path.stem.startswith(method) else method + '_'}{path.stem}_seed{seed}", fig.enlarge(path.read_bytes()),
+        doc.figure(f"{'' if path.stem.startswith(method) else method + '_'}{path.stem}_seed{seed}", fig.enlarge(_require(path).read_bytes()),
                    f"{path.stem.replace('_', ' ')} (seed {seed})")
     doc.end_grid()
 
 
-def _pictures_section(doc: Doc, root: Path, names: list[str], seed: int, metrics: dict, classes) -> None:
+def _pictures_section(doc: Doc, inputs: dict, names: list[str], seed: int, metrics: dict, classes) -> None:
     """Embeddings (PCA of the test features, one seed) in a grid, then the probes' confusion matrices."""
-    found = [(n, p) for n in names if (p := root / "linear_eval" / n / f"seed{seed}" / "embedding.png").is_file()]
+    found = [(n, p) for n in names if (p := _optional(inputs, "evaluations", n, seed, "embedding"))]
     if found:
         doc.heading("Embeddings")
         doc.begin_grid()
@@ -236,7 +247,7 @@ def _wall_time_section(doc: Doc, jobs: list[tuple]) -> None:
     doc.table(["stage", "name", "seed", "wall time (s)"], [[st, n, sd, _num(sec, ".1f")] for st, n, sd, sec in jobs])
 
 
-def _runs_section(doc: Doc, root: Path, metrics: dict, kinds: dict, provenance: dict | None) -> None:
+def _runs_section(doc: Doc, summaries: dict, metrics: dict, kinds: dict, provenance: dict | None) -> None:
     link, base, on = _mlflow(provenance)
     doc.heading("MLflow runs")
     eid = (provenance or {}).get("experiment_id")
@@ -253,7 +264,7 @@ def _runs_section(doc: Doc, root: Path, metrics: dict, kinds: dict, provenance: 
     for (name, seed), m in metrics.items():
         pre = m.get("pretrain_run_id")
         if kinds[name] == "ssl":
-            pre_summary = read_json(root / "pretrain" / name / f"seed{seed}" / "summary.json").get("run_id")
+            pre_summary = summaries[(name, seed)].get("run_id")
             if pre and pre_summary and pre != pre_summary:  # eval of a stale pretrain run
                 pre = f"{pre} (≠ pretrain summary {pre_summary})"
             pre = pre or pre_summary
@@ -287,25 +298,27 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
-def build_report(results_dir: str | Path, dataset: str, methods: list[str], seeds: list[int],
-                 baselines: list[str], out_dir: str | Path, provenance: dict | None = None,
-                 benchmarks_dir: str | Path | None = None) -> dict:
+def build_report(inputs: dict, dataset: str, methods: list[str], seeds: list[int], baselines: list[str],
+                 out_dir: str | Path, provenance: dict | None = None) -> dict:
     """Write report.html, report.md (+ its figures/) and summary.csv into out_dir; return the ranked rows.
 
-    benchmarks_dir: Snakemake benchmark TSVs; default `benchmarks/<X>` for results_dir `results/<X>`.
+    inputs: every file to read (the report rule's `report_files`, workflow/rules/common.smk):
+    {"manifest": path, "augment": {method: {"policy", "preview", "benchmark"*}},
+     "pretrain": {method: {seed: {"summary", "history", "diagnostics"*: [png, ...]}}},
+     "evaluations": {name: {seed: {"metrics", "predictions"*, "embedding"*}}},
+     "benchmarks"*: [[stage, name or None, seed or None, tsv], ...]}   (* optional)
     """
-    root, out = Path(results_dir), Path(out_dir)
-    bdir = Path(benchmarks_dir) if benchmarks_dir else root.resolve().parents[1] / "benchmarks" / root.resolve().name
-    manifest = _load_json(root / "data" / "manifest.json")
+    out = Path(out_dir)
+    manifest = _load_json(Path(_given(inputs, "manifest")))
     kinds = {**{m: "ssl" for m in methods}, **{b: "baseline" for b in baselines}}
     # Every input is read before the first write, so a missing file leaves no partial outputs.
-    metrics = {(n, s): _load_json(root / "linear_eval" / n / f"seed{s}" / "metrics.json")
-               for n in kinds for s in seeds}
-    histories = {m: [_load_history(root / "pretrain" / m / f"seed{s}" / "history.csv") for s in seeds]
+    metrics = {(n, s): _load_json(Path(_given(inputs, "evaluations", n, s, "metrics"))) for n in kinds for s in seeds}
+    histories = {m: [_load_history(Path(_given(inputs, "pretrain", m, s, "history"))) for s in seeds]
                  for m in methods}
-    hits = {n: {s: h for s in seeds if (h := mt.load_hits(root / "linear_eval" / n / f"seed{s}" / "predictions.npz"))
-                is not None} for n in kinds}
-    jobs = _benchmarks(bdir, kinds, seeds)
+    summaries = {(m, s): _load_json(Path(_given(inputs, "pretrain", m, s, "summary"))) for m in methods for s in seeds}
+    hits = {n: {s: h for s in seeds if (p := _optional(inputs, "evaluations", n, s, "predictions"))
+                and (h := mt.load_hits(p)) is not None} for n in kinds}
+    jobs = _benchmarks(inputs.get("benchmarks") or [])
     keys = mt.metric_keys(metrics.values())
     rows = [_summarise(n, k, [metrics[(n, s)] for s in seeds], keys) for n, k in kinds.items()]
     rows.sort(key=lambda r: (-r["linear_top1_mean"], r["name"]))  # name breaks ties deterministically
@@ -327,7 +340,7 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
     shown = [m for m in keys if any(r[f"{m}_mean"] is not None for r in rows)]  # drop all-null top-5
     doc.table(["rank", "name", "kind"] + [mt.label(m) for m in shown] + ["pretrain (s)", "images/s"],
               [[i + 1, r["name"], r["kind"]] + [mt.fmt_mean_std(r, m) for m in shown]
-               + _cost(r["name"], r["kind"], root, seeds, metrics) for i, r in enumerate(rows)],
+               + _cost(r["name"], r["kind"], summaries, seeds, metrics) for i, r in enumerate(rows)],
               [r["kind"] for r in rows])
     doc.figure("accuracy", fig.dot_chart(rows), "Linear top-1 by method")
     if any(c["metric"] == "linear_top1" for c in comps):
@@ -351,10 +364,11 @@ def build_report(results_dir: str | Path, dataset: str, methods: list[str], seed
         doc.figure("knn_monitor", fig.curve_chart(knn, KNN_COLUMN, "validation kNN top-1 (%)",
                                                   "kNN monitor during pretraining: held-out training images "
                                                   "(mean over seeds)", 100.0), "kNN monitor curves")
-    _pictures_section(doc, root, [r["name"] for r in rows], seeds[0], metrics, manifest.get("classes"))
+    _pictures_section(doc, inputs, [r["name"] for r in rows], seeds[0], metrics, manifest.get("classes"))
     for method in methods:
-        _method_section(doc, root, method, seeds, metrics, int(manifest.get("image_size") or 0), _mlflow(provenance)[0])
-    _runs_section(doc, root, metrics, kinds, provenance)
+        _method_section(doc, inputs, method, seeds, metrics, summaries, int(manifest.get("image_size") or 0),
+                        _mlflow(provenance)[0])
+    _runs_section(doc, summaries, metrics, kinds, provenance)
     _provenance_section(doc, provenance, jobs)
 
     doc.write(f"sslpipe report: {dataset}")

@@ -193,7 +193,8 @@ def eval_line(m: dict) -> str:
             f"kNN top-1 {pct(m.get('knn_top1'))} (k={m.get('knn_k')})")
 
 
-def report(cfg: dict, results_dir: Path, out_dir: Path, run) -> dict:
+def report(cfg: dict, inputs: dict, out_dir: Path, run) -> dict:
+    """`inputs`: every file the report reads, as its rule declares them (`report.build_report`)."""
     from sslpipe import config as config_mod
     from sslpipe import provenance
     from sslpipe import report as report_mod
@@ -204,7 +205,7 @@ def report(cfg: dict, results_dir: Path, out_dir: Path, run) -> dict:
             "experiment": cfg["name"], "report_run_id": run.run_id, "config": cfg}
     if run.run_id:  # the report links the experiment's page in the MLflow UI
         prov["experiment_id"] = run.client.get_run(run.run_id).info.experiment_id
-    result = report_mod.build_report(results_dir, data_mod.dataset_name(cfg["data"]), cfg["methods"], cfg["seeds"],
+    result = report_mod.build_report(inputs, data_mod.dataset_name(cfg["data"]), cfg["methods"], cfg["seeds"],
                                      cfg["evaluate"]["baselines"], out_dir, provenance=prov)
     parent = run.parent()  # the pipeline run: where the UI shows the comparison first
     for name in ("report.html", "report.md", "summary.csv"):

@@ -34,9 +34,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from sslpipe.data import dataset_name
+
 ENV = "SSLPIPE_TRACKING"
-DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "default",
-            "config_hash": None, "dataset": None}
+DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "default", "config_hash": None, "dataset": None}
 
 # Marks the experiment as model training, so MLflow 3's UI opens its runs/charts view rather than
 # the GenAI one (traces, judges, prompts).
@@ -57,9 +58,8 @@ def settings() -> dict:
 
 
 def settings_from_config(cfg: dict, config_hash: str) -> dict:
-    t = cfg["tracking"]
-    return {"enabled": t["enabled"], "uri": t["uri"], "on_error": t["on_error"], "experiment": cfg["name"],
-            "config_hash": config_hash, "dataset": cfg["data"]["name"] or cfg["data"]["source"]}
+    return {**{k: cfg["tracking"][k] for k in ("enabled", "uri", "on_error")}, "experiment": cfg["name"],
+            "config_hash": config_hash, "dataset": dataset_name(cfg["data"])}
 
 
 def tracking_uri(s: dict) -> str:

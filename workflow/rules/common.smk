@@ -1,4 +1,5 @@
 # Config resolution, tracking set-up and input functions shared by every rule.
+import glob
 import json
 import os
 import re
@@ -142,20 +143,66 @@ def data_files(wildcards):
     return {"train": f"{base}/train.npz", "test": f"{base}/test.npz", "manifest": f"{base}/manifest.json"}
 
 
-def eval_outputs(name=NAME):
-    return expand("results/{name}/linear_eval/{evaluated}/seed{seed}/metrics.json",
-                  name=name, evaluated=METHODS + BASELINES, seed=SEEDS)
+def pretrain_diagnostics(name, method, seed):
+    """The figures a pretraining job wrote besides its declared outputs: its method's
+    `diagnostics` (CD's energy histogram and negatives, DAE's energy curve and reconstructions).
+    They are known only once the job ran, so pretrain is a checkpoint (pretrain.smk)."""
+    job = checkpoints.pretrain.get(name=name, method=method, seed=seed)
+    return sorted(set(glob.glob(os.path.join(os.path.dirname(job.output.encoder), "*.png"))) - set(job.output))
+
+
+def report_files(name, diagnostics=pretrain_diagnostics):
+    """Every file the report reads, keyed as `sslpipe report --inputs` takes them
+    (sslpipe.report.build_report), each named by the rule that writes it (its output or
+    benchmark): the report rule declares all of them (report_inputs, report_diagnostics) and
+    passes this as --inputs."""
+    def out(rule, key, **w):
+        return expand(getattr(rules, rule).output[key], name=name, **w)[0]
+
+    def bench(rule, **w):
+        return expand(getattr(rules, rule).benchmark, name=name, **w)[0]
+
+    evaluated = {**{m: ("linear_eval", "method") for m in METHODS}, **{b: ("baseline", "baseline") for b in BASELINES}}
+    return {
+        "manifest": out("prepare", "manifest"),
+        "augment": {m: {k: out("augment", k, method=m) for k in ("policy", "preview", "benchmark")} for m in METHODS},
+        "pretrain": {m: {s: {"summary": out("pretrain", "summary", method=m, seed=s),
+                             "history": out("pretrain", "history", method=m, seed=s),
+                             "diagnostics": diagnostics(name, m, s)} for s in SEEDS} for m in METHODS},
+        "evaluations": {e: {s: {k: out(rule, k, seed=s, **{w: e}) for k in ("metrics", "predictions", "embedding")}
+                            for s in SEEDS} for e, (rule, w) in evaluated.items()},
+        # [stage, name, seed, TSV] per job: the report's wall-time table (never its own benchmark).
+        "benchmarks": [["prepare", None, None, bench("prepare")]]
+        + [["augment", m, None, bench("augment", method=m)] for m in METHODS]
+        + [["pretrain", m, s, bench("pretrain", method=m, seed=s)] for m in METHODS for s in SEEDS]
+        + [["linear_eval", e, s, bench(rule, seed=s, **{w: e})] for e, (rule, w) in evaluated.items() for s in SEEDS],
+    }
 
 
 def report_inputs(wildcards):
-    n = wildcards.name
+    """report_files as the rule's named inputs, so Snakemake tracks every file the report reads
+    (tests/test_pipeline.py checks that these are exactly the files of --inputs). Without the
+    diagnostics: they wait for the pretrain checkpoints, and the rest of the DAG must not."""
+    f = report_files(wildcards.name, diagnostics=lambda *job: [])
+    aug = list(f["augment"].values())
+    pre = [job for seeds in f["pretrain"].values() for job in seeds.values()]
+    ev = [job for seeds in f["evaluations"].values() for job in seeds.values()]
     return {
-        "metrics": eval_outputs(n),
-        "predictions": [p.replace("metrics.json", "predictions.npz") for p in eval_outputs(n)],
-        "previews": expand("results/{n}/augment/{m}/preview.png", n=n, m=METHODS),
-        "histories": expand("results/{n}/pretrain/{m}/seed{s}/history.csv", n=n, m=METHODS, s=SEEDS),
-        "manifest": f"results/{n}/data/manifest.json",
+        "manifest": f["manifest"],
+        "policies": [job["policy"] for job in aug],
+        "previews": [job["preview"] for job in aug],
+        "augment_benchmarks": [job["benchmark"] for job in aug],
+        "summaries": [job["summary"] for job in pre],
+        "histories": [job["history"] for job in pre],
+        "metrics": [job["metrics"] for job in ev],
+        "predictions": [job["predictions"] for job in ev],
+        "embeddings": [job["embedding"] for job in ev],
+        "benchmarks": [row[-1] for row in f["benchmarks"]],
     }
+
+
+def report_diagnostics(wildcards):
+    return [png for m in METHODS for s in SEEDS for png in pretrain_diagnostics(wildcards.name, m, s)]
 
 
 def report_outputs():

@@ -1,7 +1,12 @@
 # The resume checkpoint lives outside results/ and is no declared output: Snakemake deletes a
 # failed job's outputs, and a kill or SIGTERM (SLURM preemption) is a failure. The next run of
 # this job resumes from it, and deletes it once the outputs are written (src/sslpipe/pretrain.py).
-rule pretrain:
+#
+# A checkpoint, not a plain rule, for one reason: besides its declared outputs a job writes its
+# method's diagnostics figures (CD, DAE), which the report reads and must declare, and Snakemake
+# cannot declare outputs that only some methods write. After each job, the report's inputs are
+# re-evaluated and list the figures found (common.smk pretrain_diagnostics).
+checkpoint pretrain:
     input:
         unpack(data_files),
         policy="results/{name}/augment/{method}/policy.json",

@@ -1,6 +1,7 @@
 rule report:
     input:
         unpack(report_inputs),
+        diagnostics=report_diagnostics,
     output:
         html=report(
             "results/{name}/report/report.html",
@@ -15,7 +16,8 @@ rule report:
         ),
     params:
         cfg=lambda w: stage_config("report"),
-        results_dir=lambda w: f"results/{w.name}",
+        # The declared inputs again, keyed (common.smk report_files): the report reads only these.
+        inputs=lambda w: json.dumps(report_files(w.name)),
         out_dir=lambda w, output: os.path.dirname(output.html),
     log:
         "logs/{name}/report.log",
@@ -26,4 +28,4 @@ rule report:
         "../envs/sslpipe.yaml"
     shell:
         "python -m sslpipe report --config {params.cfg:q} --threads {threads} "
-        "--results-dir {params.results_dir:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "--inputs {params.inputs:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
