@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--predictions", type=Path, default=None,
                    help="predictions.npz: per test image, 1 if right, for each metric (paired intervals)")
+    p.add_argument("--embedding", type=Path, required=True, help="embedding.png: PCA picture of the test features")
+    p.add_argument("--summary", type=Path, default=None,
+                   help="with --encoder: its pretraining's summary.json (its run id links the two MLflow runs)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the supervised baseline's resume checkpoint (as pretrain's); other baselines ignore it")
 
@@ -193,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
                             checkpoint=args.checkpoint)
         elif stage == "linear_eval":
             stages.linear_eval(cfg, method, seed, args.data_dir, args.encoder, args.out, run,
-                               predictions=args.predictions, checkpoint=args.checkpoint)
+                               predictions=args.predictions, checkpoint=args.checkpoint,
+                               embedding=args.embedding, summary=args.summary)
         elif stage == "report":
             stages.report(cfg, args.inputs, args.out_dir, run)
     return 0

@@ -105,11 +105,6 @@ def _eval_setup(cfg: dict, data_dir: Path):
     return manifest, xtr, ytr, xte, yte, device, models.pick_dtype(cfg["precision"], device)
 
 
-def embedding_path(metrics_path: Path) -> Path:
-    """The PCA picture lives beside metrics.json (the rules declare both as outputs)."""
-    return Path(metrics_path).with_name("embedding.png")
-
-
 def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, manifest: dict,
                  ytr, device, amp, run, checkpoint: Path | None = None) -> tuple[torch.nn.Module, dict]:
     """The encoder to evaluate: pretrained (encoder_path), supervised (trained here, with labels,
@@ -127,9 +122,12 @@ def _encoder_for(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: 
 
 
 def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: Path | None, out: Path, run,
-                predictions: Path | None = None, checkpoint: Path | None = None) -> dict:
+                predictions: Path | None = None, checkpoint: Path | None = None,
+                embedding: Path | None = None, summary: Path | None = None) -> dict:
     """Evaluate a pretrained encoder (`encoder_path`) or a baseline (`name` pixels / random /
-    supervised): metrics.json at `out`, the test features' PCA picture beside it, and with
+    supervised): metrics.json at `out`, the test features' PCA picture at `embedding` (by default
+    beside `out`; the rules pass their declared output), the pretraining's run id from its
+    `summary` (summary.json: with an encoder, the rules pass their declared input), and with
     `predictions` an npz of per-test-image hits (uint8, test order) for each top-1 metric.
     `checkpoint`: the supervised baseline's resume checkpoint, deleted once metrics.json is written."""
     manifest, xtr, ytr, xte, yte, device, amp = _eval_setup(cfg, data_dir)
@@ -138,7 +136,9 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
         f"(weight decay from {cfg['evaluate']['weight_decays']}), label fractions, kNN")
     t0 = time.perf_counter()
     correct: dict = {}
-    picture = {"embedding": embedding_path(out), "title": f"{name} seed {seed}: test features, PCA",
+    # The rules pass their declared output; a direct caller (tests, by hand) gets it beside metrics.json.
+    embedding = Path(embedding) if embedding else Path(out).with_name("embedding.png")
+    picture = {"embedding": embedding, "title": f"{name} seed {seed}: test features, PCA",
                "class_names": manifest.get("classes"), "correct": correct}
     if name == "pixels":
         metrics = ev.evaluate_features(ev.pixel_features(xtr), ytr, ev.pixel_features(xte), yte,
@@ -157,7 +157,7 @@ def linear_eval(cfg: dict, name: str, seed: int, data_dir: Path, encoder_path: P
     metrics.update({"name": name, "kind": "ssl" if encoder_path is not None else "baseline", "seed": seed,
                     "dataset": manifest["dataset"], "eval_s": time.perf_counter() - t0, "run_id": run.run_id})
     if encoder_path is not None:
-        metrics["pretrain_run_id"] = read_json(Path(encoder_path).parent / "summary.json").get("run_id")
+        metrics["pretrain_run_id"] = read_json(summary).get("run_id") if summary else None
         if metrics["pretrain_run_id"] and run.run_id:  # linked both ways: either run's page leads to the other
             run.tag("sslpipe.pretrain_run_id", metrics["pretrain_run_id"])
             run.tag("sslpipe.eval_run_id", run.run_id, run_id=metrics["pretrain_run_id"])

@@ -10,7 +10,6 @@ rule linear_eval:
         encoder="results/{name}/pretrain/{method}/seed{seed}/encoder.pt",
         summary="results/{name}/pretrain/{method}/seed{seed}/summary.json",
     output:
-        # The stage writes embedding.png beside metrics.json (stages.embedding_path).
         metrics="results/{name}/linear_eval/{method}/seed{seed}/metrics.json",
         embedding="results/{name}/linear_eval/{method}/seed{seed}/embedding.png",
         # Per test image: right or wrong, per metric (the report's paired intervals need them).
@@ -27,8 +26,8 @@ rule linear_eval:
         "../envs/sslpipe.yaml"
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.method} "
-        "--seed {wildcards.seed} --data-dir {params.data_dir:q} --encoder {input.encoder:q} "
-        "--out {output.metrics:q} --predictions {output.predictions:q} > {log:q} 2>&1"
+        "--seed {wildcards.seed} --data-dir {params.data_dir:q} --encoder {input.encoder:q} --summary {input.summary:q} "
+        "--out {output.metrics:q} --embedding {output.embedding:q} --predictions {output.predictions:q} > {log:q} 2>&1"
 
 
 # Baselines on the same protocol, so the report shows whether pretraining helped: a linear
@@ -56,5 +55,5 @@ rule baseline:
         "../envs/sslpipe.yaml"
     shell:
         "python -m sslpipe linear-eval --config {params.cfg:q} --threads {threads} --method {wildcards.baseline} "
-        "--seed {wildcards.seed} --data-dir {params.data_dir:q} --out {output.metrics:q} "
+        "--seed {wildcards.seed} --data-dir {params.data_dir:q} --out {output.metrics:q} --embedding {output.embedding:q} "
         "--predictions {output.predictions:q} --checkpoint {params.checkpoint:q} > {log:q} 2>&1"
