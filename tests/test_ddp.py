@@ -352,7 +352,7 @@ def test_rule_launches_torchrun_and_asks_for_one_gpu_per_process(tmp_path):
            "--configfile", str(tmp_path / "tiny.yaml")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    job = proc.stdout[proc.stdout.index("rule pretrain:"):]
+    job = proc.stdout[proc.stdout.index("checkpoint pretrain:"):]  # a checkpoint (workflow/rules/pretrain.smk)
     assert "gpu=2" in job
     assert "torchrun --standalone --nproc_per_node 2 -m sslpipe pretrain --config " in job
     assert "--threads $(( 2 > 2 ? 2 / 2 : 1 ))" in job  # the rule's 2 threads, shared: 1 per process
