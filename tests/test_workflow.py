@@ -47,7 +47,7 @@ def job_configs(out: str) -> list[dict]:
     found = []
     for line in out.splitlines():
         if "-m sslpipe" in line and "--config" in line:
-            words = shlex.split(line.split("sslpipe", 1)[1].split(">")[0])
+            words = shlex.split(line.split("sslpipe", 1)[1].split(" > ")[0])  # the log redirect: the report's --inputs may be "<TBD>" in a dry run
             found.append(json.loads(words[words.index("--config") + 1]))
     return found
 
