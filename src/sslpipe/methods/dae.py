@@ -184,9 +184,6 @@ class DAE(nn.Module):
             identity = reconstruction_error(v_tilde, v, weight)
         return loss, {"mse_identity": identity}
 
-    def after_step(self) -> None:
-        pass
-
     @torch.no_grad()
     def diagnostics(self, x: Tensor, out_dir: str | Path) -> dict[str, float]:
         """Energy F(y) = ||y - g(f(y))||^2 of y = clip(x + sigma * eps), per noise level sigma
