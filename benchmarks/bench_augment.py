@@ -10,7 +10,8 @@ grayscale 0.2), then the same with Gaussian blur p 0.5. Two views per image, uin
   torch threads = 2 (the training loop's path);
 * torchvision: `transforms.v2` applied per image in a `DataLoader` (2 workers, batch 256, persistent
   workers, timed after a warm-up epoch), the usual PyTorch data pipeline;
-* kornia: the previous implementation (`kornia_view_pipeline` below), batched like sslpipe.
+* kornia: the previous implementation (`kornia_view_pipeline` below), batched like sslpipe
+  (`pip install -e '.[bench]'`: kornia is no runtime dependency).
 
 Also times each op alone, kornia vs sslpipe's hand-written op (`--no-ops` skips this). Prints
 JSON lines; appends rows to benchmarks/RESULTS.md (`--no-record` skips; `--quick` runs print only).

@@ -81,7 +81,7 @@ def augment(cfg: dict, method: str, seed: int, data_dir: Path, out_dir: Path, ru
 
 def pretrain(cfg: dict, method: str, seed: int, data_dir: Path, policy: Path, out_dir: Path, run,
              checkpoint: Path | None = None) -> dict:
-    from sslpipe import pretrain as pt  # kornia and the methods load only in the jobs that train
+    from sslpipe import pretrain as pt  # the methods load only in the jobs that train
 
     summary = pt.run(cfg, method, seed, data_dir, policy, out_dir, log=run.log, checkpoint=checkpoint)
     summary["run_id"] = run.run_id
