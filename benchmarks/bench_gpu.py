@@ -282,7 +282,7 @@ def max_concurrent(log: str, rule: str) -> int:
     'Finished jobid: N' lines."""
     running, most, current_rule = set(), 0, None
     for line in log.splitlines():
-        if m := re.match(r"^(?:local)?rule (\w+):", line.strip()):
+        if m := re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):", line.strip()):
             current_rule = m.group(1)
         elif (m := re.match(r"^jobid: (\d+)", line.strip())) and current_rule == rule:
             running.add(m.group(1))
