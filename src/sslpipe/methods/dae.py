@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sslpipe.augment import ViewMaker, ViewPipeline, corrupt, patch_mask, to_float
-from sslpipe.io import atomic_path, make_grid, save_png
+from sslpipe.io import make_grid, save_figure, save_png
 from sslpipe.methods.shared import view_policy
-from sslpipe.models import Encoder, spatial_features
+from sslpipe.models import Encoder, eval_mode, spatial_features
 
 ENERGY_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)  # Gaussian noise levels of the energy curve
 GRID_IMAGES = 8
@@ -193,19 +193,17 @@ class DAE(nn.Module):
         Writes dae_energy_vs_corruption.png and dae_reconstructions.png into out_dir.
         """
         out_dir = Path(out_dir)
-        was_training = self.training
-        self.eval()
-        x01 = to_float(x) if x.dtype == torch.uint8 else x.float()
-        energies = []
-        for sigma in ENERGY_SIGMAS:  # a handful of noise levels, each a batched forward
-            y = corrupt(x01, "gaussian", noise_std=sigma)
-            energies.append(reconstruction_error(self.to_pixels(self.reconstruct(y), y), y))
-        x8 = x01[:GRID_IMAGES]
-        x8_tilde, w8 = self.corrupt(x8)
-        z8 = self.to_pixels(self.reconstruct(x8_tilde), x8)
-        denoise = reconstruction_error(z8, x8, w8)
-        values = torch.stack(energies + [denoise]).tolist()  # one host sync
-        self.train(was_training)
+        with eval_mode(self):
+            x01 = to_float(x) if x.dtype == torch.uint8 else x.float()
+            energies = []
+            for sigma in ENERGY_SIGMAS:  # a handful of noise levels, each a batched forward
+                y = corrupt(x01, "gaussian", noise_std=sigma)
+                energies.append(reconstruction_error(self.to_pixels(self.reconstruct(y), y), y))
+            x8 = x01[:GRID_IMAGES]
+            x8_tilde, w8 = self.corrupt(x8)
+            z8 = self.to_pixels(self.reconstruct(x8_tilde), x8)
+            denoise = reconstruction_error(z8, x8, w8)
+            values = torch.stack(energies + [denoise]).tolist()  # one host sync
 
         metrics = {f"dae_energy_sigma_{s:g}": e for s, e in zip(ENERGY_SIGMAS, values)}
         metrics["dae_denoise_mse"] = values[-1]
@@ -225,8 +223,7 @@ def _energy_plot(sigmas: list[float], energies: list[float], path: Path) -> None
     ax.set_ylabel(r"energy $\Vert y - g(f(y))\Vert^2$ per pixel")
     ax.set_title("DAE energy vs distance from the data")
     ax.grid(alpha=0.3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    save_figure(fig, path)
 
 
 def _reconstruction_grid(x_tilde: Tensor, z: Tensor, x: Tensor, path: Path) -> None:
