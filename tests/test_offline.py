@@ -31,8 +31,10 @@ def test_offline_record_and_replay(tmp_path, monkeypatch, capsys):
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    _settings(monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", _dead_uri())
+    cfg = _settings(monkeypatch)
+    dead = _dead_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    assert tracking.init_pipeline(cfg, config_hash(cfg), {"git_commit": "c0ffee"}) == {}  # track-init, offline
     (tmp_path / "history.csv").write_text("epoch,loss\n1,2.0\n")
     with tracking.stage_run("pretrain", method="simclr", seed=3, params={"pretrain": {"lr": 0.1}}) as run:
         for epoch, loss in ((1, 2.0), (2, 1.5)):
@@ -40,8 +42,13 @@ def test_offline_record_and_replay(tmp_path, monkeypatch, capsys):
         run.artifact(tmp_path / "history.csv")
         run.tag("sslpipe.note", "kept")
         run.dataset({"dataset": "digits", "sha256": {"train": "ab"}, "counts": {"train": 1}}, "train")
-    assert run.run_id is None and "tracking failed" in capsys.readouterr().err
-    [record] = list((tmp_path / tracking.OFFLINE_DIR).glob("*.json"))
+    err = capsys.readouterr().err.strip().splitlines()
+    # One short line each (the hook's, the job's), naming the URI and the OS error, not MLflow's whole message.
+    assert run.run_id is None and len(err) == 2 and all(len(line) < 250 for line in err), err
+    assert all(f"MLflow tracking at {dead} failed" in line and "Connection refused" in line for line in err), err
+    assert "kept in mlflow-offline/" in err[1]
+    [pipeline_record] = list((tmp_path / tracking.OFFLINE_DIR).glob("pipeline-*.json"))
+    [record] = [p for p in (tmp_path / tracking.OFFLINE_DIR).glob("*.json") if p != pipeline_record]
 
     live = f"sqlite:///{tmp_path / 'live.db'}"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
@@ -58,7 +65,12 @@ def test_offline_record_and_replay(tmp_path, monkeypatch, capsys):
     assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["history.csv"]
     assert r.inputs.dataset_inputs[0].dataset.name == "digits"
     parent = client.get_run(r.data.tags["mlflow.parentRunId"])  # the pipeline run, created by the replay
-    assert parent.data.tags["sslpipe.pipeline"] == "true"
+    assert parent.data.tags["sslpipe.pipeline"] == "true" and parent.info.status == "FINISHED"
+    # ... as track-init would have made it: the resolved config as params and files, the provenance.
+    assert parent.data.params["name"] == "off" and parent.data.params["tracking.on_error"] == "continue"
+    assert parent.data.tags["sslpipe.git_commit"] == "c0ffee"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"config.resolved.json", "provenance.json"}
+    assert not pipeline_record.exists()
     assert offline.replay(tmp_path / tracking.OFFLINE_DIR, live) == []  # nothing twice
 
 

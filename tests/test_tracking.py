@@ -77,7 +77,7 @@ def test_unreachable_backend(store, monkeypatch, capsys, on_error):
         with tracking.stage_run("prepare") as run:
             run.log({"x": 1.0})  # a no-op now, not an error
         assert run.run_id is None
-        assert "tracking failed" in capsys.readouterr().err
+        assert "WARNING: MLflow tracking at" in capsys.readouterr().err
 
 
 def test_disabled_tracking_writes_no_store(store, monkeypatch):
@@ -142,7 +142,7 @@ def test_concurrent_jobs_lose_nothing(store):
                 p.wait()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-        assert "tracking failed" not in err
+        assert "WARNING: MLflow tracking" not in err
     client = mlflow.tracking.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([info["experiment_id"]], "tags.`sslpipe.stage` = 'pretrain'", max_results=1000)
     assert sorted((r.data.tags["sslpipe.method"], r.data.tags["sslpipe.seed"]) for r in runs) == sorted(
@@ -215,7 +215,7 @@ def test_unreachable_server_fails_fast(store, monkeypatch, capsys, http_env, on_
     else:
         with tracking.stage_run("prepare") as run:
             run.log({"x": 1.0})
-        assert run.run_id is None and "tracking failed" in capsys.readouterr().err
+        assert run.run_id is None and "WARNING: MLflow tracking at" in capsys.readouterr().err
     # MLflow's own defaults (7 retries, exponential back-off) take minutes here.
     assert time.monotonic() - t0 < 20
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"

@@ -75,11 +75,12 @@ def test_dead_server_then_replay(tmp_path, start_mlflow_server):
     for job, text in logs.items():  # each job: one warning line saying where its record went, no traceback
         [warning] = _warnings(text)
         assert "continuing without MLflow" in warning and "mlflow-offline/" in warning, (job, text[-2000:])
+        assert "Connection refused" in warning and len(warning) < 250, warning  # the cause, not MLflow's whole message
         assert "Traceback" not in text, (job, text[-3000:])
     # The records: one per job, beside the default mlflow.db (the working directory).
     offline_dir = work / "mlflow-offline"
-    records = {json.loads(p.read_text())["name"]: p for p in offline_dir.glob("*.json")}
-    assert set(records) == JOBS
+    records = {json.loads(p.read_text())["name"]: p for p in offline_dir.glob("*.json") if not p.name.startswith("pipeline-")}
+    assert set(records) == JOBS and len(list(offline_dir.glob("pipeline-*.json"))) == 1  # + track-init's
     assert all(json.loads(p.read_text())["status"] == "FINISHED" for p in records.values())
 
     check_replay(work, *start_mlflow_server())
@@ -90,18 +91,23 @@ def check_replay(work: Path, url: str, _art: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     r, offline_dir = work / "results/offline", work / "mlflow-offline"
-    records = {json.loads(p.read_text())["name"]: p for p in offline_dir.glob("*.json")}
+    records = {json.loads(p.read_text())["name"]: p for p in offline_dir.glob("*.json") if not p.name.startswith("pipeline-")}
+    [pipeline_record] = offline_dir.glob("pipeline-*.json")
     client = MlflowClient(url)
     assert client.get_experiment_by_name("offline") is None
     replay = _run([sys.executable, "-m", "sslpipe", "track-replay", "--tracking-uri", url], work)
     assert replay.returncode == 0 and f"replayed {len(JOBS)} run(s)" in replay.stdout, replay.stdout + replay.stderr
     assert "Traceback" not in replay.stderr and not list(offline_dir.glob("*.json"))
-    assert {p.name for p in (offline_dir / "replayed").glob("*.json")} == {p.name for p in records.values()}
+    assert {p.name for p in (offline_dir / "replayed").glob("*.json")} == {p.name for p in records.values()} | {
+        pipeline_record.name}
 
     exp = client.get_experiment_by_name("offline")
     runs = client.search_runs([exp.experiment_id], max_results=100)
     [parent] = [x for x in runs if x.data.tags.get("sslpipe.pipeline") == "true"]
     stage_runs = {x.info.run_name: x for x in runs if x is not parent}
+    # The pipeline run as track-init would have made it: the resolved config as params and a file.
+    assert parent.data.params["name"] == "offline" and parent.data.params["tracking.on_error"] == "continue"
+    assert {"config.resolved.json", "provenance.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert set(stage_runs) == JOBS  # each job once
     for name, run in stage_runs.items():
         assert run.info.status == "FINISHED", name

@@ -18,10 +18,11 @@ from sslpipe.tracking import OFFLINE_DIR
 
 
 def write(record: dict) -> None:
-    """Keep one job's record (tracking.StageRun.record) in OFFLINE_DIR."""
-    name = record["name"].replace("/", "-")
-    write_json(Path(OFFLINE_DIR) / f"{name}-{record['tags']['sslpipe.config_hash'] or 'nohash'}-{time.time_ns()}.json",
-               record)
+    """Keep one job's record (tracking.StageRun.record) in OFFLINE_DIR, or the pipeline's
+    (`pipeline`: true; the config and provenance track-init would have logged on the parent run)."""
+    name = "pipeline" if record.get("pipeline") else record["name"].replace("/", "-")
+    h = record["settings"]["config_hash"] or "nohash"
+    write_json(Path(OFFLINE_DIR) / f"{name}-{h}-{time.time_ns()}.json", record)
 
 
 def replay(directory: str | os.PathLike = OFFLINE_DIR, uri: str | None = None) -> list[str]:
@@ -32,11 +33,19 @@ def replay(directory: str | os.PathLike = OFFLINE_DIR, uri: str | None = None) -
     logged on it (the report's summary metrics and files).
     Replayed records move to `directory`/replayed/. Returns the new run ids."""
     done, out, created = Path(directory) / "replayed", [], {}
-    for path in sorted(Path(directory).glob("*.json")):
+    # Pipeline records first: their parent run gets the config params and provenance, as from track-init.
+    for path in sorted(Path(directory).glob("*.json"), key=lambda p: (not p.name.startswith("pipeline-"), p.name)):
         rec = read_json(path)
         s = {**rec["settings"], "uri": uri or rec["settings"].get("uri")}
         client = tr._client(s, uri)
         exp_id = tr._experiment_id(client, s, create=True)
+        if rec.get("pipeline"):
+            h = s["config_hash"]
+            if tr._find_parent(client, exp_id, h) is None:
+                created[tr._init_pipeline(s, rec["cfg"], h, rec["provenance"])["parent_run_id"]] = (client, "FINISHED")
+            done.mkdir(parents=True, exist_ok=True)
+            path.rename(done / path.name)
+            continue
         h = rec["tags"].get("sslpipe.config_hash")
         parent = tr._find_parent(client, exp_id, h)
         if parent is None and h:  # as track-init would have made it; closed below, as track-finish would

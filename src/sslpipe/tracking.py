@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,8 @@ def _experiment_id(client, s: dict, create: bool) -> str:
         return exp.experiment_id
     if not create:
         raise RuntimeError(f"MLflow experiment '{s['experiment']}' does not exist at {tracking_uri(s)}")
-    location = None
-    uri = tracking_uri(s)
-    if uri.startswith("sqlite:///"):  # artifacts beside the SQLite file, not in the job's cwd
-        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    uri = tracking_uri(s)  # with SQLite, artifacts go beside the file, not into the job's cwd
+    location = (Path(uri[10:]).parent / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:///") else None
     return _retry(lambda: client.create_experiment(s["experiment"], artifact_location=location,
                                                    tags={KIND_TAG: KIND}))
 
@@ -131,15 +130,22 @@ def _log_params(client, run_id: str, params: dict) -> None:
         _retry(lambda chunk=items[i:i + 100]: client.log_batch(run_id, params=chunk))
 
 
-def _backend_failed(s: dict, exc: Exception, what: str) -> None:
+def _reason(exc: Exception) -> str:
+    """An OS error ("[Errno 111] Connection refused") from MLflow's long message, else its first line."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    errno = re.search(r"\[Errno -?\d+\][^'\")]*", line)
+    return errno.group(0).strip() if errno else line[:300]
+
+
+def _backend_failed(s: dict, exc: Exception, what: str, job: bool = False) -> None:
     """`on_error: continue`: warn in one line and go on; `fail`: one readable error, no traceback."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    msg = f"MLflow tracking at {tracking_uri(s)} failed ({what}: {_reason(exc)})"
     if s["on_error"] == "continue":
-        print(f"sslpipe: WARNING: MLflow tracking at {tracking_uri(s)} failed ({what}: {first}); "
-              "continuing without MLflow", file=sys.stderr)
+        kept = f" for this job (kept in {OFFLINE_DIR}/ for `sslpipe track-replay`)" if job else ""
+        print(f"sslpipe: WARNING: {msg}; continuing without MLflow{kept}", file=sys.stderr)
         return
-    raise RuntimeError(f"MLflow tracking at {tracking_uri(s)} failed ({what}: {first}). Fix tracking.uri or "
-                       "MLFLOW_TRACKING_URI, or set tracking.on_error: continue (or tracking.enabled: false)") from exc
+    raise RuntimeError(f"{msg}. Fix tracking.uri or MLFLOW_TRACKING_URI, or set tracking.on_error: "
+                       "continue (or tracking.enabled: false)") from exc
 
 
 def init_pipeline(cfg: dict, config_hash: str, provenance: dict) -> dict:
@@ -155,6 +161,8 @@ def init_pipeline(cfg: dict, config_hash: str, provenance: dict) -> dict:
         return _init_pipeline(s, cfg, config_hash, provenance)
     except Exception as exc:
         _backend_failed(s, exc, "creating the pipeline run")
+        from sslpipe import offline  # what track-init would have logged, for track-replay
+        offline.write({"pipeline": True, "settings": s, "cfg": cfg, "provenance": provenance})
         return {}
 
 
@@ -182,8 +190,8 @@ class StageRun:
     OFFLINE_DIR when the backend was lost, for `replay` to put into MLflow later.
     """
 
-    def __init__(self, client, run_id: str | None, on_error: str = "fail", record: dict | None = None):
-        self.client, self.run_id, self.on_error, self.record = client, run_id, on_error, record
+    def __init__(self, client, run_id: str | None, s: dict | None = None, record: dict | None = None):
+        self.client, self.run_id, self.s, self.record = client, run_id, s or DEFAULTS, record
         self.lost = False
 
     def _call(self, fn: Callable[[], Any]) -> None:
@@ -192,10 +200,7 @@ class StageRun:
         try:
             _retry(fn)
         except Exception as exc:
-            if self.on_error != "continue":
-                raise
-            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job "
-                  f"(kept in {OFFLINE_DIR}/ for `sslpipe track-replay`)", file=sys.stderr)
+            _backend_failed(self.s, exc, "logging", job=True)
             self.run_id, self.lost = None, True
 
     def _op(self, kind: str, *args) -> None:
@@ -248,7 +253,7 @@ class StageRun:
         if self.run_id is None:  # offline (or off): what the parent would get goes into this job's record
             return StageRun(None, None, record=self.record and self.record.setdefault("parent", {"ops": []}))
         pid = self.client.get_run(self.run_id).data.tags.get("mlflow.parentRunId")
-        return StageRun(self.client if pid else None, pid, self.on_error)
+        return StageRun(self.client if pid else None, pid, self.s)
 
 
 def _kill_stale(client, exp_id: str, tags: dict) -> None:
@@ -287,16 +292,12 @@ def stage_run(stage: str, *, method: str | None = None, seed: int | None = None,
             parent = _find_parent(client, exp_id, s["config_hash"])
             info = _retry(lambda: client.create_run(
                 exp_id, tags={**tags, **({"mlflow.parentRunId": parent} if parent else {})}, run_name=name)).info
-            run = StageRun(client, info.run_id, s["on_error"], record)
+            run = StageRun(client, info.run_id, s, record)
             if params:
                 _log_params(client, run.run_id, params)
         except Exception as exc:
-            if s["on_error"] != "continue":
-                raise RuntimeError(f"MLflow tracking at {tracking_uri(s)} failed: {exc}. Fix the tracking URI, "
-                                   "or set tracking.on_error: continue (or tracking.enabled: false).") from exc
-            print(f"sslpipe: WARNING: tracking failed ({exc}); continuing without MLflow for this job "
-                  f"(kept in {OFFLINE_DIR}/ for `sslpipe track-replay`)", file=sys.stderr)
-            run = StageRun(None, None, "continue", record)
+            _backend_failed(s, exc, "opening the job's run", job=True)
+            run = StageRun(None, None, s, record)
             run.lost = True
     status = "FINISHED"
     try:
@@ -327,10 +328,9 @@ def finish_pipeline(cfg: dict, config_hash: str, status: str) -> None:
 # ----------------------------------------------------------------------------- reading runs back
 def _quote(value: str) -> str:
     """A string literal for an MLflow filter (no escape syntax exists: pick the other quote)."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
+    for q in ("'", '"'):
+        if q not in value:
+            return f"{q}{value}{q}"
     raise ValueError(f"cannot filter on a value containing both quote characters: {value!r}")
 
 
