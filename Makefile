@@ -28,4 +28,4 @@ test: $(STAMP)
 	PATH="$(BIN):$$PATH" python -m pytest -q
 
 clean:
-	rm -rf results logs checkpoints benchmarks/*/ .snakemake mlflow.db mlartifacts
+	rm -rf results logs checkpoints benchmarks/*/ .snakemake mlflow.db mlflow.db.lock mlartifacts

@@ -120,6 +120,48 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+INIT_CHILD = r"""
+import json, pathlib, sys, time
+import mlflow.tracking  # imported before the start signal, so the store creations really overlap
+from sslpipe import config, tracking
+
+root, wid = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+cfg = config.resolve({"name": f"pipeline{wid}"})
+(root / f"ready{wid}").touch()
+while not (root / "go").exists():
+    time.sleep(0.01)
+print(json.dumps(tracking.init_pipeline(cfg, config.config_hash(cfg), {})))
+"""
+
+
+@pytest.mark.slow
+def test_pipelines_started_together_on_a_fresh_store_all_start(tmp_path):
+    """Two pipelines (configs) started at once in one directory: each track-init creates the
+    SQLite store's schema; without the lock in tracking._client they collide ("duplicate column
+    name", "table _alembic_tmp_... already exists") and one or both fail."""
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.ENV)}
+    n = 3
+    procs = [subprocess.Popen([sys.executable, "-c", INIT_CHILD, str(tmp_path), str(w)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(n)]
+    try:
+        _wait_for(lambda: all((tmp_path / f"ready{w}").exists() or procs[w].poll() is not None for w in range(n)),
+                  90, "the pipelines to start")
+        (tmp_path / "go").touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for w, (out, _) in enumerate(outs):
+        info = json.loads(out.strip().splitlines()[-1])
+        assert client.get_run(info["parent_run_id"]).data.params["name"] == f"pipeline{w}"
+
+
 @pytest.mark.slow
 def test_concurrent_jobs_lose_nothing(store):
     """Several jobs writing to the default SQLite store at once (what `snakemake --cores N` does)."""

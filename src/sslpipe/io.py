@@ -68,6 +68,20 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 
 
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (flock) on `path`, created if missing, for the block:
+    one process at a time, across processes on this machine."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as fh:
         return json.load(fh)

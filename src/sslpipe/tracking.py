@@ -10,18 +10,15 @@ The pipeline's tracking settings reach jobs through the environment variable
 tracking elsewhere never re-runs the pipeline. Without it (a stage run by hand), tracking uses
 the defaults: experiment "default", SQLite store `mlflow.db` in the working directory.
 
-SQLite pitfalls: several processes creating a fresh store at once corrupt it, so the pipeline
-calls `init_pipeline` once before any job (Snakefile `onstart`); runs are always created with
-an explicit experiment id. MLflow already sets `PRAGMA busy_timeout = 20000` on every SQLite
+SQLite pitfalls: processes creating or migrating a fresh store at once corrupt it (two
+pipelines started together), so clients are made under a lock file beside the database
+(`_client`), and the pipeline calls `init_pipeline` once before any job (Snakefile `onstart`);
+runs are always created with an explicit experiment id. MLflow already sets `PRAGMA busy_timeout = 20000` on every SQLite
 session (a `?timeout=` in the URI would be overridden by it), so a writer waits up to 20 s for
 a lock (6 processes writing at once lose nothing and see no lock error: tests/test_tracking.py).
 A lock that SQLite refuses at once (a read transaction upgrading to a write while another
 process writes) can still surface as "database is locked"; every call retries that with
 jittered back-off (`_retry`).
-
-HTTP tracking servers: MLflow's own defaults (7 retries with exponential back-off, 120 s
-timeout) make an unreachable server cost minutes per call, which defeats `on_error: continue`.
-For http(s) URIs the client gets small defaults (`HTTP_DEFAULTS`) unless the user set them.
 """
 from __future__ import annotations
 
@@ -36,17 +33,18 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sslpipe.data import dataset_name
+from sslpipe.io import file_lock
 
 ENV = "SSLPIPE_TRACKING"
 DEFAULTS = {"enabled": True, "uri": None, "on_error": "fail", "experiment": "default", "config_hash": None, "dataset": None}
 
-# Marks the experiment as model training, so MLflow 3's UI opens its runs/charts view rather than
-# the GenAI one (traces, judges, prompts).
+# Marks the experiment as model training: MLflow 3's UI then opens its runs view, not the GenAI one.
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 OFFLINE_DIR = "mlflow-offline"  # in the working directory, beside the default mlflow.db
 
-LogFn = Callable[[dict[str, float], int | None], None]
+# MLflow's own defaults (7 retries with back-off, 120 s timeout) make a dead server cost minutes
+# per call, defeating `on_error: continue`; for http(s) URIs these apply unless the user set them.
 # Fail within seconds on a dead server; still ride out a short blip. The timeout is per socket
 # operation (connect, or a pause in a transfer), not per upload, so large artifacts still fit.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -85,7 +83,9 @@ def _client(s: dict, uri: str | None = None):
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_DEFAULTS.items():  # MLflow reads these at each request
             os.environ.setdefault(key, value)
-    return MlflowClient(tracking_uri=uri)
+    sqlite = uri.startswith("sqlite:///")  # such a client creates or migrates the schema as it is made
+    with file_lock(uri[10:].split("?")[0] + ".lock") if sqlite else contextlib.nullcontext():
+        return MlflowClient(tracking_uri=uri)
 
 
 def _experiment_id(client, s: dict, create: bool) -> str:
