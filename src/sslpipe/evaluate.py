@@ -228,7 +228,7 @@ def _strided(n: int, cap: int) -> np.ndarray:
 
 
 def knn_monitor(encoder: torch.nn.Module, xtr, ytr, xte, yte, device: torch.device,
-                amp_dtype: torch.dtype | None, k: int = 200, temperature: float = 0.07,
+                amp_dtype: torch.dtype | None, k: int, temperature: float,
                 max_train: int = 2000, max_test: int = 1000, batch: int = 512) -> float:
     """kNN top-1 of the encoder's current features, for monitoring during pretraining.
 
