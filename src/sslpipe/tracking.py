@@ -10,15 +10,14 @@ The pipeline's tracking settings reach jobs through the environment variable
 tracking elsewhere never re-runs the pipeline. Without it (a stage run by hand), tracking uses
 the defaults: experiment "default", SQLite store `mlflow.db` in the working directory.
 
-SQLite pitfalls: processes creating or migrating a fresh store at once corrupt it (two
-pipelines started together), so clients are made under a lock file beside the database
-(`_client`), and the pipeline calls `init_pipeline` once before any job (Snakefile `onstart`);
-runs are always created with an explicit experiment id. MLflow already sets `PRAGMA busy_timeout = 20000` on every SQLite
-session (a `?timeout=` in the URI would be overridden by it), so a writer waits up to 20 s for
-a lock (6 processes writing at once lose nothing and see no lock error: tests/test_tracking.py).
-A lock that SQLite refuses at once (a read transaction upgrading to a write while another
-process writes) can still surface as "database is locked"; every call retries that with
-jittered back-off (`_retry`).
+SQLite pitfalls: processes creating or migrating a fresh store at once corrupt it (two pipelines
+started together), so clients are made under a lock file beside the database (`_client`), and the
+pipeline calls `init_pipeline` once before any job (Snakefile `onstart`); runs are always created
+with an explicit experiment id. MLflow sets `PRAGMA busy_timeout = 20000` on every SQLite session
+(a `?timeout=` in the URI would be overridden by it), so a writer waits up to 20 s for a lock (6
+writers at once lose nothing and see no lock error: tests/test_tracking.py). A lock that SQLite
+refuses at once (a read transaction upgrading to a write while another process writes) can still
+surface as "database is locked"; every call retries that with jittered back-off (`_retry`).
 """
 from __future__ import annotations
 
@@ -43,10 +42,9 @@ KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 
 OFFLINE_DIR = "mlflow-offline"  # in the working directory, beside the default mlflow.db
 
-# MLflow's own defaults (7 retries with back-off, 120 s timeout) make a dead server cost minutes
-# per call, defeating `on_error: continue`; for http(s) URIs these apply unless the user set them.
-# Fail within seconds on a dead server; still ride out a short blip. The timeout is per socket
-# operation (connect, or a pause in a transfer), not per upload, so large artifacts still fit.
+# For http(s) URIs unless the user set them: MLflow's own (7 retries with back-off, 120 s timeout)
+# make a dead server cost minutes per call; these fail within seconds, still riding out a blip.
+# The timeout is per socket operation (connect, or a pause in a transfer), so large uploads fit.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
@@ -63,6 +61,10 @@ def settings_from_config(cfg: dict, config_hash: str) -> dict:
 
 def tracking_uri(s: dict) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or s["uri"] or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def _sqlite_path(uri: str) -> Path | None:  # sqlite:///FILE?query -> FILE; None for other stores
+    return Path(uri[len("sqlite:///"):].split("?")[0]) if uri.startswith("sqlite:///") else None
 
 
 def _retry(fn: Callable[[], Any], attempts: int = 8) -> Any:
@@ -83,8 +85,8 @@ def _client(s: dict, uri: str | None = None):
     if uri.startswith(("http://", "https://")):
         for key, value in HTTP_DEFAULTS.items():  # MLflow reads these at each request
             os.environ.setdefault(key, value)
-    sqlite = uri.startswith("sqlite:///")  # such a client creates or migrates the schema as it is made
-    with file_lock(uri[10:].split("?")[0] + ".lock") if sqlite else contextlib.nullcontext():
+    db = _sqlite_path(uri)  # a SQLite client creates or migrates the schema as it is made
+    with file_lock(f"{db}.lock") if db else contextlib.nullcontext():
         return MlflowClient(tracking_uri=uri)
 
 
@@ -96,8 +98,8 @@ def _experiment_id(client, s: dict, create: bool) -> str:
         return exp.experiment_id
     if not create:
         raise RuntimeError(f"MLflow experiment '{s['experiment']}' does not exist at {tracking_uri(s)}")
-    uri = tracking_uri(s)  # with SQLite, artifacts go beside the file, not into the job's cwd
-    location = (Path(uri[10:]).parent / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:///") else None
+    db = _sqlite_path(tracking_uri(s))  # with SQLite, artifacts go beside the file, not into the job's cwd
+    location = (db.parent / "mlartifacts").resolve().as_uri() if db else None
     return _retry(lambda: client.create_experiment(s["experiment"], artifact_location=location,
                                                    tags={KIND_TAG: KIND}))
 
@@ -173,8 +175,7 @@ def _init_pipeline(s: dict, cfg: dict, config_hash: str, provenance: dict) -> di
     if parent is None:
         tags = {"sslpipe.pipeline": "true", "sslpipe.config_hash": config_hash, "sslpipe.dataset": s["dataset"],
                 "sslpipe.git_commit": provenance.get("git_commit", "unknown")}
-        run = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=f"pipeline-{config_hash}"))
-        parent = run.info.run_id
+        parent = _retry(lambda: client.create_run(exp_id, tags=tags, run_name=f"pipeline-{config_hash}")).info.run_id
         _log_params(client, parent, cfg)
         _retry(lambda: client.log_dict(parent, cfg, "config.resolved.json"))
         _retry(lambda: client.log_dict(parent, provenance, "provenance.json"))
@@ -375,11 +376,10 @@ def search_eval_runs(experiments: list[str] | None = None, filters: dict[str, st
     Failed or still running jobs are left out: their metrics are partial or absent.
     """
     uri = uri or tracking_uri(DEFAULTS)
-    if uri.startswith("sqlite:///"):  # MLflow would silently create an empty store instead
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
-        if not db.is_file():
-            raise FileNotFoundError(f"no MLflow store at {db}: run the pipeline there first, or pass "
-                                    "--tracking-uri (or set MLFLOW_TRACKING_URI)")
+    db = _sqlite_path(uri)
+    if db and not db.is_file():  # MLflow would silently create an empty store instead
+        raise FileNotFoundError(f"no MLflow store at {db}: run the pipeline there first, or pass "
+                                "--tracking-uri (or set MLFLOW_TRACKING_URI)")
     client = _client(DEFAULTS, uri)
     names = _experiments(client, experiments, uri)
     clauses = [f"tags.`sslpipe.stage` = {_quote(stage)}", "attributes.status = 'FINISHED'"]
