@@ -120,6 +120,23 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _start_together(script: str, root, n: int, env: dict, who: str):
+    """Run `script` in n processes (argv: root, worker id) that each touch root/ready<id> and then
+    wait for root/go, so their work really overlaps; returns (procs, [(stdout, stderr)])."""
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(root), str(w)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(n)]
+    try:
+        _wait_for(lambda: all((root / f"ready{w}").exists() or procs[w].poll() is not None for w in range(n)),
+                  90, f"{who} to start")
+        (root / "go").touch()
+        return procs, [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 INIT_CHILD = r"""
 import json, pathlib, sys, time
 import mlflow.tracking  # imported before the start signal, so the store creations really overlap
@@ -143,18 +160,7 @@ def test_pipelines_started_together_on_a_fresh_store_all_start(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", tracking.ENV)}
     n = 3
-    procs = [subprocess.Popen([sys.executable, "-c", INIT_CHILD, str(tmp_path), str(w)], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(n)]
-    try:
-        _wait_for(lambda: all((tmp_path / f"ready{w}").exists() or procs[w].poll() is not None for w in range(n)),
-                  90, "the pipelines to start")
-        (tmp_path / "go").touch()
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs, outs = _start_together(INIT_CHILD, tmp_path, n, env, "the pipelines")
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     for w, (out, _) in enumerate(outs):
@@ -170,18 +176,7 @@ def test_concurrent_jobs_lose_nothing(store):
     cfg, h, root = store
     info = tracking.init_pipeline(cfg, h, {})
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(w)], cwd=root, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for w in range(WORKERS)]
-    try:
-        _wait_for(lambda: all((root / f"ready{w}").exists() or procs[w].poll() is not None for w in range(WORKERS)),
-                  90, "the writers to start")
-        (root / "go").touch()
-        outs = [p.communicate(timeout=120) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    procs, outs = _start_together(CHILD, root, WORKERS, env, "the writers")
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
         assert "WARNING: MLflow tracking" not in err
