@@ -89,19 +89,21 @@ def main() -> int:
     ci = {(c["method"], c["baseline"], c["metric"]): c for c in comps}
     pct = lambda name, k: 100 * np.mean([x[k] for x in metrics[name].values()]) if k in next(iter(metrics[name].values())) else float("nan")  # noqa: E731
     print(f"\n{len(cfg['seeds'])} seed(s), pipeline {secs / 60:.1f} min; report: {next(work.glob('results/**/report.html'), '-')}")
-    print(f"{'name':<11}{'linear':>8}{'kNN':>8}{'1%':>7}{'10%':>7}{'pre (s)':>9}  {'Δ vs random [95% CI]':<34}{'Δ vs pixels [95% CI]'}")
+    print(f"{'name':<14}{'linear':>8}{'kNN':>8}{'1%':>7}{'10%':>7}{'pre (s)':>9}  {'Δ vs random [95% CI]':<34}{'Δ vs pixels [95% CI]'}")
     for name in cfg["methods"] + [b for b in cfg["evaluate"]["baselines"] if b in metrics]:
         pre = np.mean(list(wall.get(name, {}).values())) if name in wall else float("nan")
         vs = {b: ci.get((name, b, "linear_top1")) for b in ("random", "pixels")}
         cells = {b: f"{mt.fmt_ci(c)} {c['verdict']}" if c else "-" for b, c in vs.items()}
         row = [pct(name, "linear_top1"), pct(name, "knn_top1"), pct(name, "linear_top1_1pct"), pct(name, "linear_top1_10pct")]
-        print(f"{name:<11}" + "".join(f"{v:>8.1f}" for v in row[:2]) + "".join(f"{v:>7.1f}" for v in row[2:])
+        obj = (cfg.get(name) or {}).get("objective")  # cd / dae: which loss ran, as in the report
+        label = f"{name} ({obj})" if obj else name
+        print(f"{label:<14}" + "".join(f"{v:>8.1f}" for v in row[:2]) + "".join(f"{v:>7.1f}" for v in row[2:])
               + f"{pre:>9.0f}  {cells['random']:<34}{cells['pixels']}")
         bl.emit({"bench": "cifar_cpu", "name": name, "linear_top1": row[0], "knn_top1": row[1], "pct1": row[2],
                  "pct10": row[3], "pretrain_s": pre, "vs": {b: c for b, c in vs.items()}})
         if not args.no_record:
             bl.append_row(SECTION, INTRO, HEADER, [bl.now(), bl.machine_cell(m), len(cfg["seeds"]), f"{secs / 60:.1f}",
-                                                  name, *(f"{v:.1f}" for v in row), f"{pre:.0f}",
+                                                  label, *(f"{v:.1f}" for v in row), f"{pre:.0f}",
                                                   cells["random"], cells["pixels"]])
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -53,6 +53,10 @@ MUTATIONS = [
       "q = F.normalize(grouped_forward(self._query, v_q, groups, shuffle=False).float(), dim=1)",
       "q = grouped_forward(self._query, v_q, groups, shuffle=False).float()",
       ("tests/test_moco.py",), "MoCo.loss without the q normalisation"),
+    M("dae_hybrid_one_view", "src/sslpipe/methods/dae.py",
+      "l_nce = nt_xent(z1, z2, self.temperature, *global_views(z1, z2))",
+      "l_nce = nt_xent(z1, z1, self.temperature, *global_views(z1, z1))",
+      ("tests/test_dae.py",), "DAE.loss (hybrid): NT-Xent of one view with itself"),
     M("cd_energies_swapped", "src/sslpipe/methods/cd.py",
       'l_cd = cd_loss(e_pos, e_neg, c["alpha"])', 'l_cd = cd_loss(e_neg, e_pos, c["alpha"])',  # as of 14fbf6f
       ("tests/test_cd.py",), "CD.loss with e_pos and e_neg swapped (trains backwards)"),

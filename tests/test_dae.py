@@ -17,6 +17,7 @@ from sslpipe.methods import METHODS
 from sslpipe.evaluate import knn_predict
 from sslpipe.methods.dae import DAE, ENERGY_SIGMAS, Decoder, patch_normalised, reconstruction_error
 from sslpipe.models import build_encoder, spatial_features
+from test_simclr import nt_xent_reference
 
 STEPS, MARGIN = 300, 0.02  # learning test: measured kNN 0.850 -> 0.905 (seed 0)
 MANIFEST = {"mean": [0.5] * 3, "std": [0.25] * 3}
@@ -193,6 +194,19 @@ def test_patch_normalised_matches_naive_reference():
                 assert torch.allclose(t[n, :, i0:i0 + 4, j0:j0 + 4], (cell - m) / sd, atol=1e-4)
 
 
+def naive_masked_error(z, v, masked, visible_weight: float) -> float:
+    """sum_p w_p ||z_p - v_p||^2 / (C sum_p w_p), w_p = 1 on masked pixels, visible_weight elsewhere."""
+    num = den = 0.0
+    for n in range(len(z)):
+        for i in range(z.shape[2]):
+            for j in range(z.shape[3]):
+                w = 1.0 if masked[n, 0, i, j] else visible_weight
+                for c in range(3):
+                    num += w * (z[n, c, i, j].item() - v[n, c, i, j].item()) ** 2
+                    den += w
+    return num / den
+
+
 @pytest.mark.parametrize("visible_weight,norm_target", [(0.0, True), (0.0, False), (0.3, False)])
 def test_mask_loss_is_on_masked_pixels_of_the_clean_view(visible_weight, norm_target):
     model = make_dae(corruption="mask", mask_ratio=0.5, mask_patch=4, norm_target=norm_target,
@@ -208,19 +222,37 @@ def test_mask_loss_is_on_masked_pixels_of_the_clean_view(visible_weight, norm_ta
     z = model.decoder(spatial_features(model.encoder, v_tilde))  # decoder on the spatial map
     if norm_target:  # the clean view's pixels, normalised per 4 x 4 patch
         v = patch_normalised(v, 4)
-    num = den = 0.0
-    for n in range(3):
-        for i in range(16):
-            for j in range(16):
-                w = 1.0 if masked[n, 0, i, j] else visible_weight
-                for c in range(3):
-                    num += w * (z[n, c, i, j].item() - v[n, c, i, j].item()) ** 2
-                    den += w
     assert masked.any() and (~masked).any()
-    assert loss.item() == pytest.approx(num / den, rel=1e-4)
+    assert loss.item() == pytest.approx(naive_masked_error(z, v, masked, visible_weight), rel=1e-4)
     assert logs["mse_identity"].item() > 0                        # masked pixels really changed
     loss.backward()
     assert model.encoder.backbone[0].weight.grad.abs().sum() > 0  # gradient reaches the encoder
+
+
+def test_hybrid_loss_is_reconstruction_plus_nt_xent_of_the_two_corrupted_views():
+    """objective hybrid (contrastive MAE): two views, one mask draw over both, one forward; the loss
+    is both views' masked reconstruction error plus nce_weight x NT-Xent (test_simclr's naive
+    reference) of the head's outputs for the pooled features, view 1's rows against view 2's."""
+    model = make_dae(objective="hybrid", nce_weight=0.7, temperature=0.3, mask_ratio=0.5, mask_patch=4,
+                     norm_target=False)
+    assert model.views.policy["n_views"] == 2
+    heads = []
+    model.head.register_forward_hook(lambda m, i, o: heads.append((i[0].detach(), o.detach())))
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    torch.manual_seed(5)
+    loss, logs = model.loss(x, torch.arange(6))
+    torch.manual_seed(5)  # replay: the two views, then the mask of all 12 rows
+    v = torch.cat(model.views(x, 2))
+    masked = patch_mask(12, 16, 16, 0.5, 4)
+    h = spatial_features(model.encoder, torch.where(masked, torch.full((1, 3, 1, 1), 0.5), v))
+    [(pooled, z)] = heads
+    assert torch.allclose(pooled, h.mean((2, 3)), atol=1e-5)  # g reads the corrupted views' pooled features
+    rec = naive_masked_error(model.decoder(h), v, masked, 0.0)
+    nce = nt_xent_reference(z[:6], z[6:], 0.3)
+    assert logs["l_rec"].item() == pytest.approx(rec, rel=1e-4)
+    assert logs["l_nce"].item() == pytest.approx(nce, rel=1e-4)
+    assert loss.item() == pytest.approx(rec + 0.7 * nce, rel=1e-4)
+    assert "l_nce" not in make_dae().loss(x, torch.arange(6))[1]  # reconstruction alone by default
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "salt_pepper"])

@@ -167,6 +167,7 @@ def test_report_names_every_method_and_baseline(pipeline):
     assert sorted(names) == sorted(METHODS + BASELINES)
     for name in names:
         assert re.search(rf"\b{name}\b", text), name
+    assert "Objective: reconstruction" in text and "Objective: energy (CD)" in text  # the schema's defaults ran
 
 
 def test_the_report_reads_only_its_declared_inputs(pipeline, tmp_path, monkeypatch):

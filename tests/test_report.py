@@ -71,7 +71,8 @@ def results(tmp_path: Path) -> Path:
             (run / "history.csv").write_text("\n".join(rows) + "\n")
             _json(run / "summary.json", {"method": method, "seed": seed, "run_id": f"pre-{method}-{seed}",
                                          "device": "cpu", "precision": "fp32", "wall_time_s": 4.5,
-                                         "images_per_s": 1234.5, "final_loss": 0.5, "epochs": 3})
+                                         "images_per_s": 1234.5, "final_loss": 0.5, "epochs": 3,
+                                         **({"objective": "reconstruction + NT-Xent"} if method == "dae" else {})})
     _json(root / "augment" / "simclr" / "benchmark.json", {"images_per_s": 4321.0})  # optional, simclr only
     _png(root / "pretrain" / "dae" / "seed0" / "reconstructions.png", "blue")  # diagnostic: embedded
     _png(root / "pretrain" / "dae" / "seed1" / "loss.png", "green")  # standard name: not embedded
@@ -168,6 +169,7 @@ def test_html_report(results: Path, tmp_path: Path) -> None:
         # Cost: the method's pretraining (mean over seeds); baselines that do not train have none.
         assert row[6:] == (["4.5", "1234"] if name in METHODS else ["—", "—"])
     assert "Beat every baseline (pixels, random) on linear top-1: simclr." in text
+    assert text.count("Objective: ") == 1 and "Objective: reconstruction + NT-Xent" in text  # dae's, from its summary
     assert res["beat_all_baselines"] == ["simclr"]
     # The wording follows the paired intervals: dae is clearly below pixels, clearly above random.
     verdicts = {(c["method"], c["baseline"], c["metric"]): c["verdict"] for c in res["comparisons"]}

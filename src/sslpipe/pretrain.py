@@ -170,7 +170,7 @@ def run(cfg: dict, method_name: str, seed: int, data_dir: str | Path, policy_pat
     summary = {"method": method_name, "seed": seed, "device": str(device), "precision": str(amp_dtype or "fp32"),
                "epochs": tcfg["epochs"], "steps": st.step, "wall_time_s": wall,
                "images_per_s": st.step * b / wall, "final_loss": st.history[-1]["loss"], "diagnostics": diagnostics,
-               "resumed_at_step": resumed_at, "processes": world}
+               "resumed_at_step": resumed_at, "processes": world, "objective": base.objective(method)}
     return summary
 
 

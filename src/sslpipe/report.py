@@ -195,6 +195,8 @@ def _method_section(doc: Doc, inputs: dict, method: str, seeds: list[int], metri
                f"{method} augmentation preview (rows: training images; columns: {', '.join(labels)})")
     policy = _load_json(Path(_given(inputs, "augment", method, "policy")))
     doc.code("Augmentation policy", json.dumps(policy, indent=2, sort_keys=True), "json")
+    if objective := summaries[(method, seeds[0])].get("objective"):  # methods with a choice of loss (cd, dae)
+        doc.para(f"Objective: {objective}")
     if bench := _optional(inputs, "augment", method, "benchmark"):  # only when the augment benchmark ran
         ips = read_json(bench).get("images_per_s")
         doc.para(f"Augmentation throughput: {_num(ips, '.1f')} images/s")

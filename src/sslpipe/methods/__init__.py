@@ -1,6 +1,6 @@
 """Self-supervised methods, one file each, behind one small interface (`methods.base.Method`:
 `name`, `policy`, `preview`, `loss`, and the optional hooks `after_step`, `global_bn`,
-`diagnostics`, `divergence_hint`).
+`diagnostics`, `divergence_hint`, `objective`).
 
 `METHODS` maps each method's `name` to its class: the methods the pipeline pretrains (the
 schema's `methods` enum). The supervised baseline has the same shape but is no SSL method:

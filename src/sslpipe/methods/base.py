@@ -1,7 +1,7 @@
 """The interface between a method and the training loop (`pretrain.Loop`), written down once.
 
 A method is an `nn.Module` class with the members of `Method` below (required) and any of the
-optional hooks (`after_step`, `global_bn`, `diagnostics`, `divergence_hint`); the loop and the
+optional hooks (`after_step`, `global_bn`, `diagnostics`, `divergence_hint`, `objective`); the loop and the
 stages read the optional ones through the functions here, so a method that needs none of them
 defines none (no empty `after_step`). `encoder.feat_dim` features (before any head) are what
 evaluation uses. `__init__(encoder, cfg, policy, num_train)` builds an SSL method (`METHODS`):
@@ -76,3 +76,10 @@ def divergence_hint(method: nn.Module) -> str:
     """`method.divergence_hint`: the method's own keys to change when its loss becomes
     non-finite, appended to the loop's message (default: none beyond the shared ones)."""
     return getattr(method, "divergence_hint", "")
+
+
+def objective(method: nn.Module) -> str | None:
+    """`method.objective`: its loss in words, for methods whose config chooses between objectives
+    (CD's and DAE's `objective`); pretraining writes it into summary.json and the report shows it.
+    Default None."""
+    return getattr(method, "objective", None)

@@ -186,6 +186,7 @@ class CD(nn.Module):
         self.encoder, self.cfg = encoder, cfg
         self.head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))  # h: features -> energy
         self.hybrid = cfg["objective"] == "hybrid"
+        self.objective = "energy (CD) + nce_weight x pair-energy InfoNCE of two views" if self.hybrid else "energy (CD)"
         if self.hybrid:  # g: features -> the pair energy's embedding
             self.proj = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, cfg["proj_dim"]))
         self.views = ViewMaker(policy)

@@ -15,6 +15,16 @@ Departures from MAE: a CNN encoder sees the mask-filled image, and a small conv 
 (upsample + conv stages) replaces the Transformer decoder. `gaussian` and `salt_pepper` are the
 classic denoising corruptions (Vincent et al. 2008/2010), weighed on every pixel.
 
+`objective: hybrid` adds the contrastive term of masked contrastive learning (MACRL, Yao et al.
+2022, "Masked Contrastive Representation Learning"; CMAE, Huang et al. 2022): two augmented views
+of each image are corrupted and encoded in one forward, each reconstructs its own clean view,
+and SimCLR's NT-Xent (`nt_xent`) over a projection of their pooled features pulls the pair
+together: L = L_rec + nce_weight L_nce. Departures from MACRL: both views get the same
+corruption (MACRL corrupts one branch harder), squared error instead of L1, in-batch negatives
+instead of a memory bank. config/cifar10-cpu.yaml runs it: no reconstruction-only variant
+cleared the random-init encoder's linear top-1 there (see that file). `objective` goes into
+summary.json and the report.
+
 In the energy-based view (LeCun's NYU Deep Learning notes, where y names an input image),
 F(y) = ||y - g(f(y))||^2 is an energy: low on the data manifold, rising with distance from
 it; `diagnostics` plots it against the strength of Gaussian noise added to the data.
@@ -31,7 +41,8 @@ from torch import Tensor, nn
 from sslpipe.augment import ViewMaker, ViewPipeline, corrupt, patch_mask, to_float
 from sslpipe.io import make_grid, save_figure, save_png
 from sslpipe.methods.shared import view_policy
-from sslpipe.models import Encoder, eval_mode, spatial_features
+from sslpipe.methods.simclr import global_views, nt_xent
+from sslpipe.models import Encoder, eval_mode, mlp_head, spatial_features
 
 ENERGY_SIGMAS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8)  # Gaussian noise levels of the energy curve
 GRID_IMAGES = 8
@@ -124,7 +135,8 @@ class DAE(nn.Module):
     def policy(cfg: dict, image_size: int) -> dict:
         corruption = {"kind": cfg["corruption"], "noise_std": cfg["noise_std"], "mask_ratio": cfg["mask_ratio"],
                       "mask_patch": cfg["mask_patch"], "salt_pepper": cfg["salt_pepper"]}
-        return view_policy("dae", cfg["views"], image_size, n_views=1, corruption=corruption,
+        return view_policy("dae", cfg["views"], image_size, n_views=2 if cfg["objective"] == "hybrid" else 1,
+                           corruption=corruption,
                            colour_corruption=dict(cfg["colour_corruption"]))
 
     @staticmethod
@@ -144,6 +156,11 @@ class DAE(nn.Module):
         self.views = ViewMaker(policy)
         self.corruption = dict(policy["corruption"])  # from the validated policy, not cfg
         self.colour = colour_pipeline(policy)
+        self.hybrid = cfg["objective"] == "hybrid"
+        self.objective = "reconstruction + nce_weight x NT-Xent of two corrupted views" if self.hybrid else "reconstruction"
+        if self.hybrid:  # g: pooled features -> the NT-Xent embedding
+            self.head = mlp_head(encoder.feat_dim, cfg["proj_hidden"], cfg["proj_dim"])
+            self.temperature, self.nce_weight = cfg["temperature"], cfg["nce_weight"]
 
     def corrupt(self, v: Tensor) -> tuple[Tensor, Tensor]:
         """x~ ~ q(x~ | x) and the loss weight per pixel (N x 1 x H x W): for `mask`, masked patches
@@ -163,7 +180,10 @@ class DAE(nn.Module):
     def reconstruct(self, x_tilde: Tensor) -> Tensor:
         """z = g(f(x~)): N x 3 x H x W in [0, 1] -> N x 3 x H x W (in [0, 1], or in per-patch
         normalised units with norm_target)."""
-        return self.decoder(self.encoder(x_tilde) if self.pooled else spatial_features(self.encoder, x_tilde))
+        return self.decode(spatial_features(self.encoder, x_tilde))
+
+    def decode(self, h: Tensor) -> Tensor:  # h: N x D x s x s, the encoder's map -> N x 3 x H x W
+        return self.decoder(h.mean((2, 3)) if self.pooled else h)  # the map's mean is f's pooled output
 
     def target(self, v: Tensor) -> Tensor:
         return patch_normalised(v, self.corruption["mask_patch"]) if self.norm_target else v
@@ -177,12 +197,17 @@ class DAE(nn.Module):
         return (z * std + mean).clamp(0, 1)
 
     def loss(self, x: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        v = self.views(x, 1)[0]                        # clean view: N x 3 x H x W
-        v_tilde, weight = self.corrupt(v)              # x~ ~ q(x~ | x), weight: N x 1 x H x W
-        loss = reconstruction_error(self.reconstruct(v_tilde), self.target(v), weight)
+        v = torch.cat(self.views(x, 2 if self.hybrid else 1))  # clean views: kN x 3 x H x W (k views)
+        v_tilde, weight = self.corrupt(v)              # x~ ~ q(x~ | x), weight: kN x 1 x H x W
+        h = spatial_features(self.encoder, v_tilde)    # h: kN x D x s x s, one forward (BN sees all views)
+        l_rec = reconstruction_error(self.decode(h), self.target(v), weight)
         with torch.no_grad():  # the error of returning the corrupted input: the loss should end below it
-            identity = reconstruction_error(v_tilde, v, weight)
-        return loss, {"mse_identity": identity}
+            logs = {"mse_identity": reconstruction_error(v_tilde, v, weight)}
+        if not self.hybrid:
+            return l_rec, logs
+        z1, z2 = self.head(h.mean((2, 3))).chunk(2)   # z1, z2: N x proj_dim, the two views
+        l_nce = nt_xent(z1, z2, self.temperature, *global_views(z1, z2))
+        return l_rec + self.nce_weight * l_nce, {**logs, "l_rec": l_rec.detach(), "l_nce": l_nce.detach()}
 
     @torch.no_grad()
     def diagnostics(self, x: Tensor, out_dir: str | Path) -> dict[str, float]:

@@ -49,6 +49,14 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float, z1_all: Tensor | None = 
     return F.cross_entropy(logits, targets)
 
 
+def global_views(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The views `nt_xent` scores against: under DDP all ranks' projections, rows in global batch
+    order (z1_all: B x D), gathered with autograd so that the negatives' gradients reach the ranks
+    that computed them, and this rank's first row; in one process z1, z2 themselves and 0."""
+    z1_all, z2_all = ddp.gather(z1), ddp.gather(z2)
+    return z1_all, z2_all, ddp.my_rows(len(z1_all)).start
+
+
 class SimCLR(nn.Module):
     name = "simclr"
 
@@ -72,10 +80,7 @@ class SimCLR(nn.Module):
         # One forward over both views: BatchNorm sees the 2N batch, as in the paper.
         z = self.head(self.encoder(torch.cat([v1, v2])))  # z: 2N x proj_dim
         z1, z2 = z.chunk(2)
-        # Under DDP: all ranks' projections, rows in global batch order (z1_all: B x proj_dim);
-        # with autograd, so the negatives' gradients reach the ranks that computed them.
-        z1_all, z2_all = ddp.gather(z1), ddp.gather(z2)
-        offset = ddp.my_rows(len(z1_all)).start  # this rank's first row in the global batch
+        z1_all, z2_all, offset = global_views(z1, z2)  # z1_all: B x proj_dim (B = N in one process)
         loss = nt_xent(z1, z2, self.temperature, z1_all, z2_all, offset)
         with torch.no_grad():  # how often the positive is the nearest view: a cheap health check
             sim = cosine_logits(z1, z2_all, 1.0)
