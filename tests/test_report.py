@@ -396,3 +396,17 @@ def test_without_predictions_no_claim(results: Path, tmp_path: Path) -> None:
     assert res["comparisons"] == [] and res["beat_all_baselines"] == []
     assert "no method is said to beat a baseline" in (tmp_path / "out" / "report.md").read_text()
 
+
+
+@pytest.mark.parametrize("n_views,columns", [(2, "original, view 1, view 2, chain start"),
+                                             (1, "original, view 1, chain start")])
+def test_cd_preview_columns_follow_its_views(results: Path, tmp_path: Path, n_views: int, columns: str) -> None:
+    """CD's preview has one view with `objective: energy` and two with hybrid, then the chain start."""
+    import shutil
+
+    for stage in ("augment", "pretrain", "linear_eval"):  # cd: a copy of dae's files
+        shutil.copytree(results / stage / "dae", results / stage / "cd")
+    _json(results / "augment" / "cd" / "policy.json", {"method": "cd", "n_views": n_views})
+    build_report(results, DATASET, METHODS + ["cd"], SEEDS, BASELINES, tmp_path / "r")
+    text = " ".join(_parse(tmp_path / "r" / "report.html").text)
+    assert f"cd augmentation preview (rows: training images; columns: {columns})" in text

@@ -190,10 +190,12 @@ def _method_section(doc: Doc, inputs: dict, method: str, seeds: list[int], metri
                     tile: int, link) -> None:
     doc.heading(f"Method: {method}")
     preview = _require(Path(_given(inputs, "augment", method, "preview"))).read_bytes()
+    policy = _load_json(Path(_given(inputs, "augment", method, "policy")))
     labels = ["original"] + PREVIEW_COLUMNS.get(method, [])
+    if method == "cd" and policy.get("n_views") == 1:  # objective energy: one view, then the chain start
+        labels.remove("view 2")
     doc.figure(f"preview_{method}", fig.preview_with_headers(preview, tile, labels),
                f"{method} augmentation preview (rows: training images; columns: {', '.join(labels)})")
-    policy = _load_json(Path(_given(inputs, "augment", method, "policy")))
     doc.code("Augmentation policy", json.dumps(policy, indent=2, sort_keys=True), "json")
     if objective := summaries[(method, seeds[0])].get("objective"):  # methods with a choice of loss (cd, dae)
         doc.para(f"Objective: {objective}")
