@@ -1,9 +1,9 @@
 """The interface between a method and the training loop (`pretrain.Loop`), written down once.
 
 A method is an `nn.Module` class with the members of `Method` below (required) and any of the
-optional hooks (`after_step`, `global_bn`, `diagnostics`, `divergence_hint`, `objective`); the loop and the
-stages read the optional ones through the functions here, so a method that needs none of them
-defines none (no empty `after_step`). `encoder.feat_dim` features (before any head) are what
+optional hooks (`after_step`, `global_bn`, `diagnostics`, `divergence_hint`, `objective`); the
+loop and the stages read the optional ones through the functions here, so a method that needs
+none of them defines none (no empty `after_step`). `encoder.feat_dim` features (before any head) are what
 evaluation uses. `__init__(encoder, cfg, policy, num_train)` builds an SSL method (`METHODS`):
 `encoder` is a `models.Encoder`, `cfg` the method's config section; the method owns its heads
 and state (queues, memory banks, replay buffers) as submodules/buffers, so `state_dict()` holds

@@ -197,7 +197,7 @@ class DAE(nn.Module):
         return (z * std + mean).clamp(0, 1)
 
     def loss(self, x: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        v = torch.cat(self.views(x, 2 if self.hybrid else 1))  # clean views: kN x 3 x H x W (k views)
+        v = torch.cat(self.views(x))                   # clean views: kN x 3 x H x W (the policy's k views)
         v_tilde, weight = self.corrupt(v)              # x~ ~ q(x~ | x), weight: kN x 1 x H x W
         h = spatial_features(self.encoder, v_tilde)    # h: kN x D x s x s, one forward (BN sees all views)
         l_rec = reconstruction_error(self.decode(h), self.target(v), weight)
